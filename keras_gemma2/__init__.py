@@ -1,0 +1,33 @@
+"""Gemma 2 in Keras 3, on JAX, TensorFlow and PyTorch."""
+
+from keras_gemma2.layers import (
+    Gemma2DecoderBlock,
+    Gemma2FeedForward,
+    Gemma2RMSNormalization,
+    SlidingWindowAttention,
+    SoftCap,
+    SoftCappedDense,
+    soft_cap,
+)
+from keras_gemma2.models import (
+    PRESET_CONFIGS,
+    Gemma2Backbone,
+    Gemma2CausalLM,
+    get_preset_config,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESET_CONFIGS",
+    "Gemma2Backbone",
+    "Gemma2CausalLM",
+    "Gemma2DecoderBlock",
+    "Gemma2FeedForward",
+    "Gemma2RMSNormalization",
+    "SlidingWindowAttention",
+    "SoftCap",
+    "SoftCappedDense",
+    "get_preset_config",
+    "soft_cap",
+]

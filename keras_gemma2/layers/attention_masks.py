@@ -1,0 +1,42 @@
+"""Attention masks as pure functions. `True` means "may attend"."""
+
+from keras import ops
+
+
+def causal_mask(query_positions, key_positions):
+    """Mask `[Tq, Tk]`: query at position i sees keys at positions j <= i.
+
+    Args:
+        query_positions: int tensor `[Tq]`.
+        key_positions: int tensor `[Tk]`.
+    """
+    return ops.expand_dims(query_positions, -1) >= ops.expand_dims(key_positions, 0)
+
+
+def sliding_window_mask(query_positions, key_positions, window_size):
+    """Mask `[Tq, Tk]`: keys j with `i - window_size < j <= i`.
+
+    A query sees itself and the `window_size - 1` tokens before it.
+    `window_size=None` gives the plain causal mask.
+    """
+    mask = causal_mask(query_positions, key_positions)
+    if window_size is None:
+        return mask
+    distance = ops.expand_dims(query_positions, -1) - ops.expand_dims(key_positions, 0)
+    return ops.logical_and(mask, distance < window_size)
+
+
+def attention_mask(query_positions, key_positions, window_size=None, padding_mask=None):
+    """Combined mask `[B or 1, Tq, Tk]` of window/causal and key padding.
+
+    Args:
+        query_positions: int tensor `[Tq]`.
+        key_positions: int tensor `[Tk]`.
+        window_size: int or `None` (global attention).
+        padding_mask: optional tensor `[B, Tk]`, nonzero/True for real tokens.
+    """
+    mask = sliding_window_mask(query_positions, key_positions, window_size)[None]
+    if padding_mask is not None:
+        keys_valid = ops.cast(padding_mask, "bool")[:, None, :]  # [B, 1, Tk]
+        mask = ops.logical_and(mask, keys_valid)
+    return mask

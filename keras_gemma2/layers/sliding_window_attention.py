@@ -1,0 +1,220 @@
+"""Gemma 2 attention: grouped-query, soft-capped, local (sliding) or global."""
+
+import keras
+from keras import ops
+
+from keras_gemma2.layers.attention_masks import attention_mask
+from keras_gemma2.layers.rotary_embedding import rotary_embedding
+from keras_gemma2.layers.soft_capping import soft_cap, validate_soft_cap
+from keras_gemma2.layers.validation import positive_int, positive_number, unit_rate
+
+# Logits of masked positions. Finite so that a row with no visible key (a
+# padded query) gives a uniform softmax instead of NaN.
+_MASKED_LOGIT = -1e9
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma2")
+class SlidingWindowAttention(keras.layers.Layer):
+    """Grouped-query self-attention with Gemma 2's scaling, soft-cap and window.
+
+    Queries are rotated (RoPE) and scaled by `query_pre_attn_scalar ** -0.5`;
+    the logits `q . k` are soft-capped with `cap * tanh(logits / cap)`, then
+    masked (causal, optional sliding window, optional key padding) and
+    normalised with a float32 softmax. Each of the `num_key_value_heads`
+    key/value heads serves `num_query_heads // num_key_value_heads`
+    consecutive query heads.
+
+    Args:
+        num_query_heads: int. Number of query heads.
+        num_key_value_heads: int. Number of key/value heads; divides
+            `num_query_heads`.
+        head_dim: int. Width of one head (even, for RoPE).
+        query_pre_attn_scalar: float. Queries are multiplied by
+            `query_pre_attn_scalar ** -0.5`. Defaults to `head_dim`.
+        attention_logit_soft_cap: float or `None`. Defaults to `50.0`.
+        sliding_window_size: int or `None`. A query at position `i` sees keys
+            `j` with `i - sliding_window_size < j <= i`. `None` means global
+            (causal) attention. Defaults to `None`.
+        rope_max_wavelength: float. RoPE theta. Defaults to `10000.0`.
+        dropout: float. Dropout rate on the attention probabilities during
+            training. Defaults to `0.0`.
+        kernel_initializer: initializer for the projections. Defaults to
+            `"glorot_uniform"`.
+
+    Call arguments:
+        hidden_states: float tensor `[batch, T, hidden_dim]`.
+        padding_mask: optional tensor `[batch, S]`, 1 for real tokens and 0
+            for padding, over the keys (`S = T` without a cache, the cache
+            length with one).
+        cache: optional float tensor `[batch, 2, S, num_key_value_heads,
+            head_dim]` of keys (index 0) and values (index 1).
+        cache_update_index: int or int scalar tensor. With a cache: the
+            position of the first of the `T` new tokens; their keys and
+            values are written there. Without a cache: the position of the
+            first token (for RoPE). Defaults to `0`.
+        training: bool. Enables dropout.
+
+    Returns:
+        `[batch, T, hidden_dim]` outputs, or `(outputs, updated_cache)` when a
+        cache is passed.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = SlidingWindowAttention(
+    ...     num_query_heads=4, num_key_value_heads=2, head_dim=8,
+    ...     sliding_window_size=3)
+    >>> layer(np.ones((2, 5, 16), "float32")).shape
+    (2, 5, 16)
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar=None,
+        attention_logit_soft_cap=50.0,
+        sliding_window_size=None,
+        rope_max_wavelength=10000.0,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_query_heads = positive_int(num_query_heads, "num_query_heads")
+        self.num_key_value_heads = positive_int(
+            num_key_value_heads, "num_key_value_heads"
+        )
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ValueError(
+                "`num_query_heads` must be a multiple of `num_key_value_heads`. "
+                f"Received: num_query_heads={num_query_heads}, "
+                f"num_key_value_heads={num_key_value_heads}"
+            )
+        self.head_dim = positive_int(head_dim, "head_dim")
+        if self.head_dim % 2:
+            raise ValueError(
+                "Received an invalid value for `head_dim`, expected an even "
+                f"integer (RoPE rotates pairs). Received: head_dim={head_dim}"
+            )
+        if query_pre_attn_scalar is None:
+            query_pre_attn_scalar = self.head_dim
+        self.query_pre_attn_scalar = positive_number(
+            query_pre_attn_scalar, "query_pre_attn_scalar"
+        )
+        self.attention_logit_soft_cap = validate_soft_cap(
+            attention_logit_soft_cap, "attention_logit_soft_cap"
+        )
+        if sliding_window_size is not None:
+            sliding_window_size = positive_int(
+                sliding_window_size, "sliding_window_size"
+            )
+        self.sliding_window_size = sliding_window_size
+        self.rope_max_wavelength = positive_number(
+            rope_max_wavelength, "rope_max_wavelength"
+        )
+        self.dropout = unit_rate(dropout, "dropout")
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.groups = self.num_query_heads // self.num_key_value_heads
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        heads, kv_heads, head_dim = (
+            self.num_query_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )
+
+        def projection(name, equation, output_shape):
+            return keras.layers.EinsumDense(
+                equation,
+                output_shape=output_shape,
+                kernel_initializer=self.kernel_initializer,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+
+        # Names "query" and "value" are the ones KerasHub's enable_lora targets.
+        self.query_dense = projection("query", "btd,dnh->btnh", (None, heads, head_dim))
+        self.query_dense.build(input_shape)
+        self.key_dense = projection("key", "bsd,dkh->bskh", (None, kv_heads, head_dim))
+        self.key_dense.build(input_shape)
+        self.value_dense = projection(
+            "value", "bsd,dkh->bskh", (None, kv_heads, head_dim)
+        )
+        self.value_dense.build(input_shape)
+        self.output_dense = projection(
+            "attention_output", "btnh,nhd->btd", (None, hidden_dim)
+        )
+        self.output_dense.build((None, None, heads, head_dim))
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(
+        self,
+        hidden_states,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+    ):
+        batch_size = ops.shape(hidden_states)[0]
+        length = ops.shape(hidden_states)[1]
+        query_positions = ops.arange(length, dtype="int32") + ops.cast(
+            cache_update_index, "int32"
+        )
+
+        query = self.query_dense(hidden_states)  # [B, T, N, H]
+        key = self.key_dense(hidden_states)  # [B, T, K, H]
+        value = self.value_dense(hidden_states)  # [B, T, K, H]
+        query = rotary_embedding(query, query_positions, self.rope_max_wavelength)
+        key = rotary_embedding(key, query_positions, self.rope_max_wavelength)
+        query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
+
+        if cache is not None:
+            start = [0, ops.cast(cache_update_index, "int32"), 0, 0]
+            key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
+            value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
+            cache = ops.stack([key, value], axis=1)  # [B, 2, S, K, H]
+            key_positions = ops.arange(ops.shape(key)[1], dtype="int32")
+        else:
+            key_positions = query_positions
+
+        mask = attention_mask(
+            query_positions, key_positions, self.sliding_window_size, padding_mask
+        )  # [B or 1, T, S]
+        query = ops.reshape(
+            query,
+            (batch_size, length, self.num_key_value_heads, self.groups, self.head_dim),
+        )  # [B, T, K, G, H]
+        logits = ops.einsum("btkgh,bskh->bkgts", query, key)  # [B, K, G, T, S]
+        logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
+        logits = ops.where(mask[:, None, None], logits, _MASKED_LOGIT)
+        probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+        probabilities = self.dropout_layer(probabilities, training=training)
+        attended = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
+        attended = ops.reshape(
+            attended, (batch_size, length, self.num_query_heads, self.head_dim)
+        )  # [B, T, N, H]
+        outputs = self.output_dense(attended)  # [B, T, D]
+        if cache is not None:
+            return outputs, cache
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "sliding_window_size": self.sliding_window_size,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

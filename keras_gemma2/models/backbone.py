@@ -1,0 +1,224 @@
+"""Gemma2Backbone: token embedding -> decoder blocks -> final norm."""
+
+import math
+
+import keras
+import keras_hub
+
+from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
+from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
+from keras_gemma2.layers.soft_capping import validate_soft_cap
+from keras_gemma2.layers.validation import (
+    non_negative_number,
+    positive_int,
+    positive_number,
+    unit_rate,
+)
+
+
+def layer_is_local(index):
+    """Gemma 2 alternates: layer 0 and every even layer use the sliding window."""
+    return index % 2 == 0
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma2")
+class Gemma2Backbone(keras_hub.models.Backbone):
+    """The Gemma 2 decoder network, without the language-model head.
+
+    Embeds `token_ids`, multiplies by `sqrt(hidden_dim)` (cast to the compute
+    dtype first), runs `num_layers` `Gemma2DecoderBlock`s that alternate
+    local (sliding window; layers 0, 2, 4, ...) and global attention, and
+    applies a final RMS norm. The embedding matrix is tied to the output
+    projection of `Gemma2CausalLM`.
+
+    Args:
+        vocabulary_size: int. Number of token ids.
+        num_layers: int. Number of decoder blocks.
+        num_query_heads: int. Query heads per block.
+        num_key_value_heads: int. Key/value heads per block (divides
+            `num_query_heads`).
+        hidden_dim: int. Width of the residual stream.
+        intermediate_dim: int. Width of each GeGLU branch (HF
+            `intermediate_size`).
+        head_dim: int. Width of one attention head.
+        query_pre_attn_scalar: float. Queries are scaled by its `** -0.5`.
+            Defaults to `head_dim` (the 27B uses `hidden_dim / num_query_heads`).
+        attention_logit_soft_cap: float or `None`. Defaults to `50.0`.
+        final_logit_soft_cap: float or `None`. Used by `Gemma2CausalLM` on the
+            output logits. Defaults to `30.0`.
+        sliding_window_size: int. Window of the local layers. Defaults to
+            `4096`.
+        layer_norm_epsilon: float. Epsilon of every RMS norm. Defaults to `1e-6`.
+        rope_max_wavelength: float. RoPE theta. Defaults to `10000.0`.
+        dropout: float. Attention-probability dropout in training.
+            Defaults to `0.0`.
+        dtype: string or `keras.DTypePolicy`. `"float32"` or `"bfloat16"`
+            (float16 overflows on Gemma 2). Defaults to the Keras default.
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = Gemma2Backbone(
+    ...     vocabulary_size=64, num_layers=2, num_query_heads=4,
+    ...     num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+    ...     head_dim=8, sliding_window_size=4)
+    >>> hidden = backbone.predict(
+    ...     {"token_ids": np.ones((1, 6), "int32"),
+    ...      "padding_mask": np.ones((1, 6), "int32")}, verbose=0)
+    >>> hidden.shape
+    (1, 6, 16)
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        intermediate_dim,
+        head_dim,
+        query_pre_attn_scalar=None,
+        attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0,
+        sliding_window_size=4096,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10000.0,
+        dropout=0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        vocabulary_size = positive_int(vocabulary_size, "vocabulary_size")
+        num_layers = positive_int(num_layers, "num_layers")
+        hidden_dim = positive_int(hidden_dim, "hidden_dim")
+        head_dim = positive_int(head_dim, "head_dim")
+        if query_pre_attn_scalar is None:
+            query_pre_attn_scalar = head_dim
+        query_pre_attn_scalar = positive_number(
+            query_pre_attn_scalar, "query_pre_attn_scalar"
+        )
+        final_logit_soft_cap = validate_soft_cap(
+            final_logit_soft_cap, "final_logit_soft_cap"
+        )
+        sliding_window_size = positive_int(sliding_window_size, "sliding_window_size")
+        layer_norm_epsilon = non_negative_number(
+            layer_norm_epsilon, "layer_norm_epsilon"
+        )
+        dropout = unit_rate(dropout, "dropout")
+        _check_dtype(dtype)
+
+        # === Layers ===
+        self.token_embedding = keras.layers.ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal", seed=None
+            ),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.transformer_layers = [
+            Gemma2DecoderBlock(
+                intermediate_dim=intermediate_dim,
+                num_query_heads=num_query_heads,
+                num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim,
+                query_pre_attn_scalar=query_pre_attn_scalar,
+                attention_logit_soft_cap=attention_logit_soft_cap,
+                sliding_window_size=sliding_window_size if layer_is_local(i) else None,
+                layer_norm_epsilon=layer_norm_epsilon,
+                rope_max_wavelength=rope_max_wavelength,
+                dropout=dropout,
+                dtype=dtype,
+                name=f"decoder_block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = Gemma2RMSNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
+        )
+
+        # === Functional Model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.token_embedding(token_ids)
+        x = x * keras.ops.cast(math.sqrt(hidden_dim), x.dtype)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        outputs = self.final_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.sliding_window_size = sliding_window_size
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.dropout = dropout
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "final_logit_soft_cap": self.final_logit_soft_cap,
+            "sliding_window_size": self.sliding_window_size,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Build a `Gemma2Backbone` from a preset.
+
+        Args:
+            preset: string. A local directory holding a Hugging Face Gemma 2
+                checkpoint (`config.json` with `model_type` `"gemma2"` and
+                `model.safetensors` or sharded safetensors with an index).
+            load_weights: bool. If `False`, the weights stay randomly
+                initialised. Defaults to `True`.
+            **kwargs: overrides for the constructor, e.g. `dtype="bfloat16"`.
+        """
+        from keras_gemma2.checkpoints.preset_loading import load_backbone
+
+        return load_backbone(cls, preset, load_weights=load_weights, **kwargs)
+
+
+_SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+def _check_dtype(dtype):
+    """Reject compute dtypes Gemma 2 does not run in (float16 overflows)."""
+    if dtype is None:
+        return
+    policy = keras.dtype_policies.get(dtype)
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return
+    if policy.compute_dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(
+            "Received an invalid value for `dtype`, expected a policy computing in "
+            f"one of {_SUPPORTED_DTYPES} (float16 overflows on Gemma 2). "
+            f"Received: dtype={dtype!r}"
+        )

@@ -1,0 +1,82 @@
+"""Gemma2CausalLM: the backbone plus the tied, soft-capped output projection."""
+
+import keras
+import keras_hub
+
+from keras_gemma2.layers.soft_capping import SoftCap
+from keras_gemma2.models.backbone import Gemma2Backbone
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma2")
+class Gemma2CausalLM(keras_hub.models.CausalLM):
+    """Gemma 2 language model: next-token logits for every position.
+
+    Logits are the final hidden states times the transposed token embedding,
+    then soft-capped with `backbone.final_logit_soft_cap`:
+    `cap * tanh(logits / cap)`.
+
+    Args:
+        backbone: `Gemma2Backbone`.
+        preprocessor: optional preprocessor; `None` means the model takes a
+            dict of `"token_ids"` and `"padding_mask"` directly.
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = Gemma2Backbone(
+    ...     vocabulary_size=64, num_layers=2, num_query_heads=4,
+    ...     num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+    ...     head_dim=8, sliding_window_size=4)
+    >>> causal_lm = Gemma2CausalLM(backbone)
+    >>> logits = causal_lm.predict(
+    ...     {"token_ids": np.array([[2, 5, 9]], "int32"),
+    ...      "padding_mask": np.ones((1, 3), "int32")}, verbose=0)
+    >>> logits.shape
+    (1, 3, 64)
+    """
+
+    backbone_cls = Gemma2Backbone
+    preprocessor_cls = None
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        if not isinstance(backbone, Gemma2Backbone):
+            raise TypeError(
+                "Received an invalid value for `backbone`, expected a "
+                f"`Gemma2Backbone`. Received: backbone={type(backbone).__name__}"
+            )
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.logit_soft_cap = SoftCap(
+            backbone.final_logit_soft_cap,
+            dtype=backbone.dtype_policy,
+            name="final_logit_soft_cap",
+        )
+
+        # === Functional Model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        outputs = self.logit_soft_cap(logits)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Build a `Gemma2CausalLM` from a preset.
+
+        Args:
+            preset: string. A local directory holding a Hugging Face Gemma 2
+                checkpoint (see `Gemma2Backbone.from_preset`).
+            load_weights: bool. If `False`, weights stay randomly initialised.
+            **kwargs: backbone overrides such as `dtype="bfloat16"`.
+
+        Example:
+
+        ```python
+        causal_lm = Gemma2CausalLM.from_preset("/path/to/gemma-2-2b", dtype="bfloat16")
+        ```
+        """
+        backbone = Gemma2Backbone.from_preset(
+            preset, load_weights=load_weights, **kwargs
+        )
+        return cls(backbone=backbone)

@@ -1,0 +1,73 @@
+"""Architecture configs of every released Gemma 2 size, as data.
+
+Numbers from the Gemma 2 paper (arXiv:2408.00118, Table 1) and the released
+HF `config.json` files; the 27B's `query_pre_attn_scalar` is
+`hidden_dim / num_query_heads = 144`, not `head_dim`.
+"""
+
+import copy
+
+_COMMON = {
+    "vocabulary_size": 256000,
+    "attention_logit_soft_cap": 50.0,
+    "final_logit_soft_cap": 30.0,
+    "sliding_window_size": 4096,
+    "layer_norm_epsilon": 1e-6,
+    "rope_max_wavelength": 10000.0,
+    "dropout": 0.0,
+}
+
+_SIZES = {
+    "2b": {
+        "num_layers": 26,
+        "num_query_heads": 8,
+        "num_key_value_heads": 4,
+        "hidden_dim": 2304,
+        "intermediate_dim": 9216,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+    },
+    "9b": {
+        "num_layers": 42,
+        "num_query_heads": 16,
+        "num_key_value_heads": 8,
+        "hidden_dim": 3584,
+        "intermediate_dim": 14336,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+    },
+    "27b": {
+        "num_layers": 46,
+        "num_query_heads": 32,
+        "num_key_value_heads": 16,
+        "hidden_dim": 4608,
+        "intermediate_dim": 36864,
+        "head_dim": 128,
+        "query_pre_attn_scalar": 144,
+    },
+}
+
+# Context length of every released size (RoPE works past it, quality does not).
+MAX_SEQUENCE_LENGTH = 8192
+
+PRESET_CONFIGS = {
+    f"gemma2_{kind}{size}_en": {**_COMMON, **_SIZES[size]}
+    for size in _SIZES
+    for kind in ("", "instruct_")
+}
+
+
+def get_preset_config(name):
+    """Return a copy of the `Gemma2Backbone` arguments of preset `name`.
+
+    Example:
+
+    >>> get_preset_config("gemma2_27b_en")["query_pre_attn_scalar"]
+    144
+    """
+    if name not in PRESET_CONFIGS:
+        raise ValueError(
+            "Received an unknown Gemma 2 preset name. Expected one of "
+            f"{sorted(PRESET_CONFIGS)}. Received: preset={name!r}"
+        )
+    return copy.deepcopy(PRESET_CONFIGS[name])
