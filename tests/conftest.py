@@ -63,7 +63,9 @@ def hf_logits(model, token_ids, padding_mask=None):
 
     kwargs = {}
     if padding_mask is not None:
-        kwargs["attention_mask"] = torch.tensor(np.asarray(padding_mask), dtype=torch.long)
+        kwargs["attention_mask"] = torch.tensor(
+            np.asarray(padding_mask), dtype=torch.long
+        )
     with torch.no_grad():
         output = model(torch.tensor(np.asarray(token_ids), dtype=torch.long), **kwargs)
     return output.logits.float().numpy()
@@ -85,8 +87,10 @@ def hf_checkpoint(tmp_path):
 
 def random_token_ids(batch, length, vocabulary_size, seed=0):
     """Int32 token ids `[batch, length]` from a fixed seed."""
-    return np.random.RandomState(seed).randint(0, vocabulary_size, (batch, length)).astype(
-        "int32"
+    return (
+        np.random.RandomState(seed)
+        .randint(0, vocabulary_size, (batch, length))
+        .astype("int32")
     )
 
 
@@ -109,7 +113,7 @@ TINY_BACKBONE_CONFIG = {
 
 
 def randomize_weights(model, seed=0):
-    """Random weights, norm scales included, large enough for caps and norms to matter."""
+    """Random weights, norm scales included, big enough for caps and norms to matter."""
     rng = np.random.RandomState(seed)
     for variable in model.weights:
         shape = tuple(variable.shape)

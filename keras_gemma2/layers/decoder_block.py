@@ -42,7 +42,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
     ...     intermediate_dim=32, num_query_heads=4, num_key_value_heads=2,
     ...     head_dim=8, query_pre_attn_scalar=8, attention_logit_soft_cap=50.0,
     ...     sliding_window_size=4)
-    >>> block(np.ones((1, 6, 16), "float32")).shape
+    >>> tuple(block(np.ones((1, 6, 16), "float32")).shape)
     (1, 6, 16)
     """
 

@@ -19,7 +19,8 @@ class Gemma2FeedForward(keras.layers.Layer):
     Example:
 
     >>> import numpy as np
-    >>> Gemma2FeedForward(intermediate_dim=32)(np.ones((1, 3, 8), "float32")).shape
+    >>> ffw = Gemma2FeedForward(intermediate_dim=32)
+    >>> tuple(ffw(np.ones((1, 3, 8), "float32")).shape)
     (1, 3, 8)
     """
 

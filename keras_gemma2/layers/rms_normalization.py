@@ -21,7 +21,7 @@ class Gemma2RMSNormalization(keras.layers.Layer):
     >>> import numpy as np
     >>> norm = Gemma2RMSNormalization()
     >>> out = norm(np.array([[3.0, 4.0]], "float32"))
-    >>> [round(float(v), 4) for v in out[0]]
+    >>> [round(float(v), 4) for v in keras.ops.convert_to_numpy(out)[0]]
     [0.8485, 1.1314]
     """
 

@@ -14,6 +14,7 @@ def rotary_embedding(x, positions, max_wavelength=10000.0):
     Returns:
         Tensor like `x`. The angles are computed in float32.
     """
+    x = ops.convert_to_tensor(x)
     head_dim = x.shape[-1]
     half = head_dim // 2
     exponents = ops.arange(0, head_dim, 2, dtype="float32") / float(head_dim)

@@ -64,7 +64,7 @@ class SlidingWindowAttention(keras.layers.Layer):
     >>> layer = SlidingWindowAttention(
     ...     num_query_heads=4, num_key_value_heads=2, head_dim=8,
     ...     sliding_window_size=3)
-    >>> layer(np.ones((2, 5, 16), "float32")).shape
+    >>> tuple(layer(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
     """
 

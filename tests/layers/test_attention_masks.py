@@ -21,7 +21,9 @@ def test_causal_mask():
         [1, 1, 1, 0],
         [1, 1, 1, 1],
     ]
-    np.testing.assert_array_equal(as_int(causal_mask(positions(4), positions(4))), expected)
+    np.testing.assert_array_equal(
+        as_int(causal_mask(positions(4), positions(4))), expected
+    )
 
 
 def test_sliding_window_mask_sees_itself_and_window_minus_one_before():
@@ -53,7 +55,9 @@ def test_window_none_is_causal():
 
 def test_padding_masks_keys_per_batch_row():
     padding = np.array([[1, 1, 0], [1, 1, 1]], "int32")
-    mask = attention_mask(positions(3), positions(3), window_size=2, padding_mask=padding)
+    mask = attention_mask(
+        positions(3), positions(3), window_size=2, padding_mask=padding
+    )
     expected = [
         [[1, 0, 0], [1, 1, 0], [0, 1, 0]],
         [[1, 0, 0], [1, 1, 0], [0, 1, 1]],

@@ -20,7 +20,9 @@ def test_matches_numpy_with_nonzero_scale():
     scale = rng.normal(size=(8,)).astype("float32")
     layer.scale.assign(scale)
     actual = ops.convert_to_numpy(layer(x))
-    np.testing.assert_allclose(actual, numpy_rms_norm(x, scale, 0.1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        actual, numpy_rms_norm(x, scale, 0.1), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_scale_initialises_to_zero_so_gain_is_one():

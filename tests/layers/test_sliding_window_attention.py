@@ -22,8 +22,16 @@ def numpy_attention(layer, x, padding_mask=None):
     x = x.astype("float64")
     batch, length, _ = x.shape
     positions = np.arange(length)
-    q = numpy_rope(np.einsum("btd,dnh->btnh", x, weights["q"]), positions, layer.rope_max_wavelength)
-    k = numpy_rope(np.einsum("btd,dnh->btnh", x, weights["k"]), positions, layer.rope_max_wavelength)
+    q = numpy_rope(
+        np.einsum("btd,dnh->btnh", x, weights["q"]),
+        positions,
+        layer.rope_max_wavelength,
+    )
+    k = numpy_rope(
+        np.einsum("btd,dnh->btnh", x, weights["k"]),
+        positions,
+        layer.rope_max_wavelength,
+    )
     v = np.einsum("btd,dnh->btnh", x, weights["v"])
     group = layer.num_query_heads // layer.num_key_value_heads
     window = layer.sliding_window_size or length + 1
@@ -62,7 +70,11 @@ def make_layer(**kwargs):
 
 
 def inputs(batch=2, length=9, hidden=16, seed=0):
-    return np.random.RandomState(seed).normal(size=(batch, length, hidden)).astype("float32")
+    return (
+        np.random.RandomState(seed)
+        .normal(size=(batch, length, hidden))
+        .astype("float32")
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,7 +116,9 @@ def test_cache_prefill_then_single_steps_equal_full_pass(window):
     prefill, cache = layer(x[:, :4], cache=cache, cache_update_index=0)
     outputs = [ops.convert_to_numpy(prefill)]
     for index in range(4, 10):
-        step, cache = layer(x[:, index : index + 1], cache=cache, cache_update_index=index)
+        step, cache = layer(
+            x[:, index : index + 1], cache=cache, cache_update_index=index
+        )
         outputs.append(ops.convert_to_numpy(step))
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, atol=1e-5)
 

@@ -42,7 +42,8 @@ SHAPE_NEUTRAL = {
 def test_setting_modifies_output(key):
     base, causal_lm = logits_for(TINY_BACKBONE_CONFIG)
     changed, _ = logits_for(
-        {**TINY_BACKBONE_CONFIG, key: SHAPE_NEUTRAL[key]}, weights=causal_lm.get_weights()
+        {**TINY_BACKBONE_CONFIG, key: SHAPE_NEUTRAL[key]},
+        weights=causal_lm.get_weights(),
     )
     assert np.abs(base - changed).max() > 1e-2, key
 
@@ -68,14 +69,18 @@ def test_dropout_modifies_training_output_only():
 
 def test_sliding_window_only_on_even_layers():
     backbone = Gemma2Backbone(**TINY_BACKBONE_CONFIG)
-    windows = [block.attention.sliding_window_size for block in backbone.transformer_layers]
+    windows = [
+        block.attention.sliding_window_size for block in backbone.transformer_layers
+    ]
     assert windows == [5, None, 5, None]
 
 
 def test_epsilon_reaches_every_norm():
     backbone = Gemma2Backbone(**{**TINY_BACKBONE_CONFIG, "layer_norm_epsilon": 0.25})
     norms = [
-        layer for layer in backbone._flatten_layers() if isinstance(layer, Gemma2RMSNormalization)
+        layer
+        for layer in backbone._flatten_layers()
+        if isinstance(layer, Gemma2RMSNormalization)
     ]
     assert len(norms) == 4 * 4 + 1
     assert {norm.epsilon for norm in norms} == {0.25}

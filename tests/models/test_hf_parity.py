@@ -35,8 +35,13 @@ CASES = {
     "longer_than_window": ({"sliding_window": 4}, 23),
     "27b_style_scaling": (
         # heads * head_dim (32) != hidden (48); scalar = hidden / heads, not head_dim.
-        {"hidden_size": 48, "num_attention_heads": 4, "head_dim": 8,
-         "num_key_value_heads": 2, "query_pre_attn_scalar": 12},
+        {
+            "hidden_size": 48,
+            "num_attention_heads": 4,
+            "head_dim": 8,
+            "num_key_value_heads": 2,
+            "query_pre_attn_scalar": 12,
+        },
         13,
     ),
     "gqa_group_1": ({"num_key_value_heads": 4}, 13),
@@ -46,8 +51,13 @@ CASES = {
         13,
     ),
     "released_defaults": (
-        {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "query_pre_attn_scalar": 16},
+        {
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "query_pre_attn_scalar": 16,
+        },
         13,
     ),
 }
@@ -113,9 +123,9 @@ def test_sharded_checkpoint(hf_checkpoint):
 
 
 def test_bfloat16_checkpoint_loads_exactly(hf_checkpoint, tmp_path):
-    import torch
-
     import copy
+
+    import torch
 
     _, model = hf_checkpoint(seed=8)
     # Round the float32 reference's weights to bfloat16 values, and store a

@@ -24,7 +24,10 @@ def test_parameter_count(name):
 
 def test_27b_scales_queries_by_hidden_over_heads():
     config = get_preset_config("gemma2_27b_en")
-    assert config["query_pre_attn_scalar"] == config["hidden_dim"] / config["num_query_heads"]
+    assert (
+        config["query_pre_attn_scalar"]
+        == config["hidden_dim"] / config["num_query_heads"]
+    )
     assert config["query_pre_attn_scalar"] != config["head_dim"]
 
 
