@@ -1,25 +1,30 @@
-"""Resolve a preset handle to a built, loaded `Gemma2Backbone`."""
+"""Resolve a preset handle to a local directory and load what it holds.
 
+Three directory formats are recognised:
+
+- `"keras_gemma2"`: saved by our `save_to_preset` (KerasHub's preset layout
+  with our registered classes);
+- `"keras_hub_gemma"`: a KerasHub / Kaggle `GemmaBackbone` preset with the
+  Gemma 2 settings;
+- `"transformers"`: a Hugging Face `config.json` + safetensors checkpoint.
+"""
+
+import json
 import os
 
-from keras_gemma2.checkpoints.hf_checkpoint import (
-    is_hf_checkpoint,
-    load_hf_weights,
-    read_hf_config,
-)
+import keras_hub
+
+from keras_gemma2.checkpoints import handles
+from keras_gemma2.checkpoints.hf_checkpoint import load_hf_weights, read_hf_config
 from keras_gemma2.models.presets import PRESET_CONFIGS
 
+KERAS_GEMMA2 = "keras_gemma2"
+KERAS_HUB_GEMMA = "keras_hub_gemma"
+TRANSFORMERS = "transformers"
 
-def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
-    """Build `backbone_cls` from `preset` and load its weights.
 
-    Args:
-        backbone_cls: `Gemma2Backbone` or a subclass.
-        preset: string. A local HF Gemma 2 checkpoint directory.
-        load_weights: bool. Load the checkpoint's weights.
-        **overrides: constructor arguments replacing the checkpoint's
-            (typically `dtype`).
-    """
+def resolve_preset(preset):
+    """Return the local directory that `preset` names, downloading if it must."""
     if not isinstance(preset, (str, os.PathLike)):
         raise TypeError(
             "Received an invalid value for `preset`, expected a string or path. "
@@ -27,25 +32,107 @@ def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
         )
     preset = os.fspath(preset)
     if os.path.isdir(preset):
-        if is_hf_checkpoint(preset):
-            config = {**read_hf_config(preset), **overrides}
-            backbone = backbone_cls(**config)
-            if load_weights:
-                load_hf_weights(backbone, preset)
-            return backbone
-        raise ValueError(
-            f"The directory {preset} is not a Gemma 2 checkpoint: it has no "
-            "config.json naming a model_type."
-        )
+        return preset
+    scheme, _ = handles.split_handle(preset)
+    if scheme is not None:
+        return handles.resolve_handle(preset)
     if preset in PRESET_CONFIGS:
         raise ValueError(
-            f"The weights of {preset!r} are not bundled with keras_gemma2. Download "
-            "the Hugging Face checkpoint (e.g. google/gemma-2-2b) and pass its "
-            "local directory: Gemma2CausalLM.from_preset('/path/to/gemma-2-2b')."
+            f"The weights of {preset!r} are not bundled with keras_gemma2. Pass the "
+            "local directory of a Hugging Face checkpoint (e.g. google/gemma-2-2b) "
+            "or a KerasHub/Kaggle preset, or a handle such as "
+            "'hf://google/gemma-2-2b' or 'kaggle://keras/gemma2/keras/gemma2_2b_en/1' "
+            "on a machine with network access."
         )
     if os.sep in preset or preset.startswith("."):
         raise FileNotFoundError(f"The preset directory {preset} does not exist.")
     raise ValueError(
-        "Received an unknown preset. Expected a local Hugging Face Gemma 2 "
-        f"checkpoint directory. Received: preset={preset!r}"
+        "Received an unknown preset. Expected a local preset directory, a handle "
+        "('hf://owner/name', 'kaggle://owner/model/keras/variation/version') or a "
+        f"bundled preset name. Received: preset={preset!r}"
+    )
+
+
+def preset_format(directory):
+    """Name the format of a local preset directory, or raise `ValueError`."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"The directory {directory} is not a Gemma 2 preset: it has no config.json."
+        )
+    try:
+        with open(path) as file:
+            config = json.load(file)
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if "model_type" in config:
+        return TRANSFORMERS
+    registered = config.get("registered_name") or ""
+    if config.get("module", "").startswith("keras_gemma2") or registered.startswith(
+        "keras_gemma2>"
+    ):
+        return KERAS_GEMMA2
+    if registered == "keras_hub>GemmaBackbone" or config.get("class_name") == (
+        "GemmaBackbone"
+    ):
+        return KERAS_HUB_GEMMA
+    raise ValueError(
+        f"{path} describes neither a Hugging Face Gemma 2 checkpoint (no model_type) "
+        "nor a KerasHub Gemma or keras_gemma2 preset (class "
+        f"{config.get('class_name')!r})."
+    )
+
+
+def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
+    """Build `backbone_cls` from `preset` and load its weights.
+
+    Args:
+        backbone_cls: `Gemma2Backbone` or a subclass.
+        preset: string. A local preset directory (any of the three formats),
+            a remote handle, or a bundled preset name.
+        load_weights: bool. Load the preset's weights.
+        **overrides: constructor arguments replacing the preset's (typically
+            `dtype`).
+    """
+    directory = resolve_preset(preset)
+    kind = preset_format(directory)
+    if kind == TRANSFORMERS:
+        backbone = backbone_cls(**{**read_hf_config(directory), **overrides})
+        if load_weights:
+            load_hf_weights(backbone, directory)
+        return backbone
+    if kind == KERAS_HUB_GEMMA:
+        from keras_gemma2.checkpoints.keras_hub_preset import load_keras_hub_backbone
+
+        return load_keras_hub_backbone(
+            backbone_cls, directory, load_weights=load_weights, **overrides
+        )
+    return keras_hub.models.Backbone.from_preset.__func__(
+        backbone_cls, directory, load_weights=load_weights, **overrides
+    )
+
+
+def load_causal_lm(causal_lm_cls, preset, load_weights=True, **kwargs):
+    """Build `causal_lm_cls` (backbone and, when the preset has one, tokenizer)."""
+    directory = resolve_preset(preset)
+    kind = preset_format(directory)
+    if kind == KERAS_GEMMA2:
+        return keras_hub.models.CausalLM.from_preset.__func__(
+            causal_lm_cls, directory, load_weights=load_weights, **kwargs
+        )
+    backbone = load_backbone(
+        causal_lm_cls.backbone_cls, directory, load_weights=load_weights, **kwargs
+    )
+    preprocessor = None
+    if causal_lm_cls.preprocessor_cls is not None and _has_tokenizer(directory):
+        preprocessor_cls = causal_lm_cls.preprocessor_cls
+        tokenizer = preprocessor_cls.tokenizer_cls.from_preset(directory)
+        preprocessor = preprocessor_cls(tokenizer=tokenizer)
+    return causal_lm_cls(backbone=backbone, preprocessor=preprocessor)
+
+
+def _has_tokenizer(directory):
+    return any(
+        os.path.isfile(os.path.join(directory, name))
+        for name in ("tokenizer.model", "tokenizer.json")
     )

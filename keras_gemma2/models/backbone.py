@@ -194,16 +194,44 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         """Build a `Gemma2Backbone` from a preset.
 
         Args:
-            preset: string. A local directory holding a Hugging Face Gemma 2
-                checkpoint (`config.json` with `model_type` `"gemma2"` and
-                `model.safetensors` or sharded safetensors with an index).
+            preset: string. One of: a local directory saved by
+                `save_to_preset`; a local Hugging Face Gemma 2 checkpoint
+                (`config.json` with `model_type` `"gemma2"`, `model.safetensors`
+                or shards with `model.safetensors.index.json`); a local
+                KerasHub/Kaggle Gemma 2 preset; a handle `"hf://owner/name"`
+                or `"kaggle://keras/gemma2/keras/<name>/<version>"` (needs
+                network).
             load_weights: bool. If `False`, the weights stay randomly
                 initialised. Defaults to `True`.
             **kwargs: overrides for the constructor, e.g. `dtype="bfloat16"`.
+
+        Example:
+
+        ```python
+        backbone = Gemma2Backbone.from_preset("/path/to/gemma-2-2b")
+        ```
         """
         from keras_gemma2.checkpoints.preset_loading import load_backbone
 
         return load_backbone(cls, preset, load_weights=load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir, max_shard_size=5, overwrite=False):
+        """Save config and weights to a preset directory, atomically.
+
+        The preset is written into a temporary sibling directory and renamed
+        into place, so an interrupted save leaves no partial preset.
+
+        Args:
+            preset_dir: string. Destination directory.
+            max_shard_size: float. Weight files are split past this many GB.
+                Defaults to `5`.
+            overwrite: bool. Replace an existing `preset_dir`. Defaults to
+                `False` (an existing directory raises `FileExistsError`).
+        """
+        from keras_gemma2.checkpoints.atomic import atomic_directory
+
+        with atomic_directory(preset_dir, overwrite=overwrite) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)
 
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16")

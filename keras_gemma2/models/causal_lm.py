@@ -65,8 +65,9 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         """Build a `Gemma2CausalLM` from a preset.
 
         Args:
-            preset: string. A local directory holding a Hugging Face Gemma 2
-                checkpoint (see `Gemma2Backbone.from_preset`).
+            preset: string. A preset directory of any supported format or a
+                remote handle; see `Gemma2Backbone.from_preset`. When the
+                preset holds a tokenizer, the model gets a preprocessor.
             load_weights: bool. If `False`, weights stay randomly initialised.
             **kwargs: backbone overrides such as `dtype="bfloat16"`.
 
@@ -76,7 +77,21 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         causal_lm = Gemma2CausalLM.from_preset("/path/to/gemma-2-2b", dtype="bfloat16")
         ```
         """
-        backbone = Gemma2Backbone.from_preset(
-            preset, load_weights=load_weights, **kwargs
-        )
-        return cls(backbone=backbone)
+        from keras_gemma2.checkpoints.preset_loading import load_causal_lm
+
+        return load_causal_lm(cls, preset, load_weights=load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir, max_shard_size=5, overwrite=False):
+        """Save backbone, task and preprocessor to a preset directory, atomically.
+
+        Args:
+            preset_dir: string. Destination directory.
+            max_shard_size: float. Weight files are split past this many GB.
+                Defaults to `5`.
+            overwrite: bool. Replace an existing `preset_dir`. Defaults to
+                `False` (an existing directory raises `FileExistsError`).
+        """
+        from keras_gemma2.checkpoints.atomic import atomic_directory
+
+        with atomic_directory(preset_dir, overwrite=overwrite) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)
