@@ -265,11 +265,18 @@ def weight_plan(backbone):
     return plan
 
 
-def load_hf_weights(backbone, directory):
+def load_hf_weights(backbone, directory, progress=None):
     """Check every tensor of the checkpoint against `backbone`, then assign them.
 
     All names, shapes and files are checked before the first assignment, so a
-    bad checkpoint raises without touching the weights.
+    bad checkpoint raises without touching the weights. Tensors are read and
+    assigned one at a time, so memory holds one tensor beyond the model.
+
+    Args:
+        backbone: a built `Gemma2Backbone`.
+        directory: the checkpoint directory.
+        progress: optional callable `progress(done, total, name)` called after
+            each tensor.
     """
     entries = index_checkpoint(directory)
     plan = weight_plan(backbone)
@@ -299,6 +306,9 @@ def load_hf_weights(backbone, directory):
                 f"Tensor `{name}` in {entries[name].path} has shape {stored}; "
                 f"expected {wanted} from config.json."
             )
-    for name, variable, _, to_keras in plan:
+    for done, (name, variable, _, to_keras) in enumerate(plan, start=1):
         array = to_keras(read_tensor(entries[name]))
         variable.assign(np.asarray(array, dtype="float32"))
+        del array
+        if progress is not None:
+            progress(done, len(plan), name)

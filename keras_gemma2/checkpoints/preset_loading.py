@@ -83,7 +83,7 @@ def preset_format(directory):
     )
 
 
-def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
+def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **overrides):
     """Build `backbone_cls` from `preset` and load its weights.
 
     Args:
@@ -91,6 +91,8 @@ def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
         preset: string. A local preset directory (any of the three formats),
             a remote handle, or a bundled preset name.
         load_weights: bool. Load the preset's weights.
+        progress: optional callable `progress(done, total, name)`, called per
+            tensor when loading a Hugging Face checkpoint.
         **overrides: constructor arguments replacing the preset's (typically
             `dtype`).
     """
@@ -99,7 +101,7 @@ def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
     if kind == TRANSFORMERS:
         backbone = backbone_cls(**{**read_hf_config(directory), **overrides})
         if load_weights:
-            load_hf_weights(backbone, directory)
+            load_hf_weights(backbone, directory, progress=progress)
         return backbone
     if kind == KERAS_HUB_GEMMA:
         from keras_gemma2.checkpoints.keras_hub_preset import load_keras_hub_backbone
@@ -112,7 +114,7 @@ def load_backbone(backbone_cls, preset, load_weights=True, **overrides):
     )
 
 
-def load_causal_lm(causal_lm_cls, preset, load_weights=True, **kwargs):
+def load_causal_lm(causal_lm_cls, preset, load_weights=True, progress=None, **kwargs):
     """Build `causal_lm_cls` (backbone and, when the preset has one, tokenizer)."""
     directory = resolve_preset(preset)
     kind = preset_format(directory)
@@ -121,7 +123,11 @@ def load_causal_lm(causal_lm_cls, preset, load_weights=True, **kwargs):
             causal_lm_cls, directory, load_weights=load_weights, **kwargs
         )
     backbone = load_backbone(
-        causal_lm_cls.backbone_cls, directory, load_weights=load_weights, **kwargs
+        causal_lm_cls.backbone_cls,
+        directory,
+        load_weights=load_weights,
+        progress=progress,
+        **kwargs,
     )
     preprocessor = None
     if causal_lm_cls.preprocessor_cls is not None and _has_tokenizer(directory):

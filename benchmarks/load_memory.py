@@ -1,0 +1,183 @@
+"""Peak resident memory while loading a ~1 GB HF Gemma 2 checkpoint.
+
+Usage: `python benchmarks/load_memory.py [--backend jax] [--repeats 3]`
+
+Writes a random float32 and a bfloat16 safetensors checkpoint (sharded, as
+released ones are), then loads each in a fresh process with
+`Gemma2CausalLM.from_preset` (ours) and with KerasHub's
+`keras_hub.models.GemmaCausalLM.from_preset` (its transformers converter),
+and prints peak RSS minus the process's idle footprint (imports and backend
+initialised), as a ratio to the checkpoint's size. Target: ratio <= 1.3.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+CONFIG = {
+    "model_type": "gemma2",
+    "architectures": ["Gemma2ForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "query_pre_attn_scalar": 128,
+    "sliding_window": 256,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 8192,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
+
+
+def tensor_shapes(config):
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["head_dim"]
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
+            shapes[prefix + norm + ".weight"] = (hidden,)
+        shapes[prefix + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+        shapes[prefix + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
+        shapes[prefix + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+        shapes[prefix + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        shapes[prefix + "mlp.gate_proj.weight"] = (inner, hidden)
+        shapes[prefix + "mlp.up_proj.weight"] = (inner, hidden)
+        shapes[prefix + "mlp.down_proj.weight"] = (hidden, inner)
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def write_checkpoint(directory, dtype, shard_bytes=300 * 2**20):
+    """A random sharded checkpoint; returns its size in bytes."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    numpy_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    rng = np.random.default_rng(0)
+    shards, current, size = [], {}, 0
+    for name, shape in tensor_shapes(CONFIG).items():
+        current[name] = (rng.standard_normal(shape, np.float32) * 0.02).astype(
+            numpy_dtype
+        )
+        size += current[name].nbytes
+        if sum(t.nbytes for t in current.values()) > shard_bytes:
+            shards.append(current)
+            current = {}
+    shards.append(current)
+    weight_map = {}
+    for index, tensors in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({**CONFIG, "torch_dtype": dtype}, f)
+    return size
+
+
+CHILD = r"""
+import resource, sys, time
+import keras
+import numpy as np
+keras.ops.convert_to_numpy(keras.ops.ones((4,)) + 1)
+loader, directory, dtype = sys.argv[1:4]
+if loader == "ours":
+    from keras_gemma2 import Gemma2CausalLM as Model
+else:
+    import keras_hub
+    Model = keras_hub.models.GemmaCausalLM
+idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+model = Model.from_preset(directory, dtype=dtype)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(idle, peak, seconds)
+"""
+
+
+def measure(loader, directory, dtype, backend):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, loader, directory, dtype],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        return None, last[:100]
+    idle, peak, seconds = result.stdout.split()[-3:]
+    return (int(idle), int(peak), float(seconds)), None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loaders", default="ours,keras_hub")
+    args = parser.parse_args()
+    import keras
+
+    print(
+        f"# load_memory: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, backend {args.backend}, keras {keras.__version__}, "
+        f"python {platform.python_version()}; medians of {args.repeats} runs"
+    )
+    print(
+        "| dtype | loader | checkpoint GB | idle GB | peak GB | "
+        "(peak-idle)/checkpoint | load s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as root:
+        for dtype in ("float32", "bfloat16"):
+            directory = os.path.join(root, dtype)
+            size = write_checkpoint(directory, dtype)
+            for loader in args.loaders.split(","):
+                runs, error = [], None
+                for _ in range(args.repeats):
+                    run, error = measure(loader, directory, dtype, args.backend)
+                    if run is None:
+                        break
+                    runs.append(run)
+                if not runs:
+                    print(
+                        f"| {dtype} | {loader} | {size / 1e9:.2f} | - | - | - | "
+                        f"failed: {error} |"
+                    )
+                    continue
+                idle, peak, seconds = (
+                    float(np.median(v)) for v in zip(*runs, strict=True)
+                )
+                print(
+                    f"| {dtype} | {loader} | {size / 1e9:.2f} | {idle / 1e9:.2f} | "
+                    f"{peak / 1e9:.2f} | {(peak - idle) / size:.2f} | {seconds:.1f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
