@@ -4,13 +4,16 @@ from keras import ops
 
 
 def causal_mask(query_positions, key_positions):
-    """Mask `[Tq, Tk]`: query at position i sees keys at positions j <= i.
+    """Mask `[Tq, Tk]`: query at position i sees keys at positions 0 <= j <= i.
 
     Args:
         query_positions: int tensor `[Tq]`.
-        key_positions: int tensor `[Tk]`.
+        key_positions: int tensor `[Tk]`. Negative positions mark empty
+            cache slots and are never visible.
     """
-    return ops.expand_dims(query_positions, -1) >= ops.expand_dims(key_positions, 0)
+    key_positions = ops.expand_dims(key_positions, 0)
+    visible = ops.expand_dims(query_positions, -1) >= key_positions
+    return ops.logical_and(visible, key_positions >= 0)
 
 
 def sliding_window_mask(query_positions, key_positions, window_size):

@@ -47,7 +47,11 @@ class SlidingWindowAttention(keras.layers.Layer):
             for padding, over the keys (`S = T` without a cache, the cache
             length with one).
         cache: optional float tensor `[batch, 2, S, num_key_value_heads,
-            head_dim]` of keys (index 0) and values (index 1).
+            head_dim]` of keys (index 0) and values (index 1). It is a ring
+            buffer: position `p` is stored in slot `p % S`, so `S` may be the
+            full sequence length (a linear cache) or, for a local layer, just
+            `sliding_window_size`. A call with several tokens must not wrap
+            around the end of the ring.
         cache_update_index: int or int scalar tensor. With a cache: the
             position of the first of the `T` new tokens; their keys and
             values are written there. Without a cache: the position of the
@@ -173,11 +177,21 @@ class SlidingWindowAttention(keras.layers.Layer):
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
 
         if cache is not None:
-            start = [0, ops.cast(cache_update_index, "int32"), 0, 0]
+            # The cache is a ring of S slots: position p lives in slot p % S.
+            # With S >= every position this is a plain linear cache; with
+            # S = sliding_window_size it holds exactly a local layer's window.
+            # A multi-token update must not wrap (prefill starts at slot 0).
+            cache_length = ops.shape(cache)[2]
+            start_position = ops.cast(cache_update_index, "int32")
+            start = [0, ops.mod(start_position, cache_length), 0, 0]
             key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
             value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
             cache = ops.stack([key, value], axis=1)  # [B, 2, S, K, H]
-            key_positions = ops.arange(ops.shape(key)[1], dtype="int32")
+            last_position = start_position + length - 1
+            slots = ops.arange(cache_length, dtype="int32")
+            # Position held by each slot: the latest one <= last_position that
+            # maps there; negative means the slot was never written.
+            key_positions = last_position - ops.mod(last_position - slots, cache_length)
         else:
             key_positions = query_positions
 

@@ -136,3 +136,18 @@ def test_cache_prefill_then_single_steps_equal_full_pass(window):
 def test_invalid_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_layer(**kwargs)
+
+
+def test_ring_cache_of_window_size_equals_full_pass():
+    # A local layer's cache needs only `window` slots: position p in slot p % window.
+    x = inputs(batch=2, length=11, seed=3)
+    layer = make_layer(sliding_window_size=3)
+    full = ops.convert_to_numpy(layer(x))
+    cache = ops.zeros((2, 2, 3, 2, 8))
+    steps = []
+    for index in range(11):
+        step, cache = layer(
+            x[:, index : index + 1], cache=cache, cache_update_index=index
+        )
+        steps.append(ops.convert_to_numpy(step))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
