@@ -3,6 +3,7 @@
 import json
 import os
 
+import keras
 import numpy as np
 
 from keras_gemma2.checkpoints.safetensors_files import read_header, read_tensor
@@ -265,6 +266,34 @@ def weight_plan(backbone):
     return plan
 
 
+def _for_assignment(array, dtype):
+    """Cast `array` for `variable.assign` with as few copies as possible.
+
+    bfloat16 arrays go in as they are (JAX and TensorFlow take
+    `ml_dtypes.bfloat16`); torch takes no bfloat16 numpy arrays, so for it they
+    are widened to float32 and cast by the backend.
+    """
+    if str(array.dtype) == dtype and not (
+        dtype == "bfloat16" and keras.config.backend() == "torch"
+    ):
+        return np.ascontiguousarray(array)
+    return np.asarray(array, dtype="float32" if dtype == "bfloat16" else dtype)
+
+
+def build_for_loading(backbone_cls, config):
+    """Build a backbone whose weights are about to be overwritten by a load.
+
+    On JAX, variables created in `StatelessScope(initialize_variables=False)`
+    stay unallocated until their first assignment, so loading never holds the
+    random initial weights and the checkpoint's at once. Other backends assign
+    in place, so they build normally.
+    """
+    if keras.config.backend() == "jax":
+        with keras.StatelessScope(initialize_variables=False):
+            return backbone_cls(**config)
+    return backbone_cls(**config)
+
+
 def load_hf_weights(backbone, directory, progress=None):
     """Check every tensor of the checkpoint against `backbone`, then assign them.
 
@@ -308,7 +337,7 @@ def load_hf_weights(backbone, directory, progress=None):
             )
     for done, (name, variable, _, to_keras) in enumerate(plan, start=1):
         array = to_keras(read_tensor(entries[name]))
-        variable.assign(np.asarray(array, dtype="float32"))
+        variable.assign(_for_assignment(array, variable.dtype))
         del array
         if progress is not None:
             progress(done, len(plan), name)

@@ -15,7 +15,11 @@ import os
 import keras_hub
 
 from keras_gemma2.checkpoints import handles
-from keras_gemma2.checkpoints.hf_checkpoint import load_hf_weights, read_hf_config
+from keras_gemma2.checkpoints.hf_checkpoint import (
+    build_for_loading,
+    load_hf_weights,
+    read_hf_config,
+)
 from keras_gemma2.models.presets import PRESET_CONFIGS
 
 KERAS_GEMMA2 = "keras_gemma2"
@@ -99,9 +103,11 @@ def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **over
     directory = resolve_preset(preset)
     kind = preset_format(directory)
     if kind == TRANSFORMERS:
-        backbone = backbone_cls(**{**read_hf_config(directory), **overrides})
-        if load_weights:
-            load_hf_weights(backbone, directory, progress=progress)
+        config = {**read_hf_config(directory), **overrides}
+        if not load_weights:
+            return backbone_cls(**config)
+        backbone = build_for_loading(backbone_cls, config)
+        load_hf_weights(backbone, directory, progress=progress)
         return backbone
     if kind == KERAS_HUB_GEMMA:
         from keras_gemma2.checkpoints.keras_hub_preset import load_keras_hub_backbone
