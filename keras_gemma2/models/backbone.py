@@ -142,11 +142,7 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         # === Functional Model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = self.token_embedding(token_ids)
-        x = x * keras.ops.cast(math.sqrt(hidden_dim), x.dtype)
-        for block in self.transformer_layers:
-            x = block(x, padding_mask=padding_mask)
-        outputs = self.final_norm(x)
+        outputs, _ = self.compute_hidden_states(token_ids, padding_mask=padding_mask)
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
@@ -169,6 +165,59 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
         self.dropout = dropout
+
+    def compute_hidden_states(
+        self,
+        token_ids,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+    ):
+        """Embedding -> decoder blocks -> final norm; the one forward pass.
+
+        Serves the functional model (`call`, training, scoring) and cached
+        generation alike.
+
+        Args:
+            token_ids: int tensor `[batch, T]`.
+            padding_mask: optional `[batch, S]` key mask (1 = real token).
+            cache: optional `(local_cache, global_cache)`, each
+                `[batch, layers_of_that_kind, 2, slots, num_key_value_heads,
+                head_dim]`; see `keras_gemma2.generation.kv_cache`.
+            cache_update_index: position of the first of the `T` tokens.
+            training: bool, enables dropout.
+
+        Returns:
+            `(hidden_states [batch, T, hidden_dim], updated cache or None)`.
+        """
+        x = self.token_embedding(token_ids)
+        # The scale is cast to the compute dtype first, as the reference does.
+        hidden_dim = self.token_embedding.output_dim
+        x = x * keras.ops.cast(math.sqrt(hidden_dim), x.dtype)
+        caches = {True: [], False: []}
+        for index, block in enumerate(self.transformer_layers):
+            if cache is None:
+                x = block(x, padding_mask=padding_mask, training=training)
+                continue
+            local = layer_is_local(index)
+            kind_cache = cache[0] if local else cache[1]
+            x, layer_cache = block(
+                x,
+                padding_mask=padding_mask,
+                cache=kind_cache[:, len(caches[local])],
+                cache_update_index=cache_update_index,
+                training=training,
+            )
+            caches[local].append(layer_cache)
+        hidden_states = self.final_norm(x)
+        if cache is None:
+            return hidden_states, None
+        new_cache = tuple(
+            keras.ops.stack(caches[kind], axis=1) if caches[kind] else cache[i]
+            for i, kind in enumerate((True, False))
+        )
+        return hidden_states, new_cache
 
     def get_config(self):
         return {
