@@ -13,6 +13,9 @@ from keras_gemma2.models import (
     PRESET_CONFIGS,
     Gemma2Backbone,
     Gemma2CausalLM,
+    Gemma2CausalLMPreprocessor,
+    Gemma2Tokenizer,
+    format_chat,
     get_preset_config,
 )
 
@@ -22,12 +25,15 @@ __all__ = [
     "PRESET_CONFIGS",
     "Gemma2Backbone",
     "Gemma2CausalLM",
+    "Gemma2CausalLMPreprocessor",
     "Gemma2DecoderBlock",
     "Gemma2FeedForward",
     "Gemma2RMSNormalization",
+    "Gemma2Tokenizer",
     "SlidingWindowAttention",
     "SoftCap",
     "SoftCappedDense",
+    "format_chat",
     "get_preset_config",
     "soft_cap",
 ]

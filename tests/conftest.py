@@ -125,3 +125,7 @@ def randomize_weights(model, seed=0):
             value = rng.normal(0.0, 2.0 / np.sqrt(shape[0]), shape)
         variable.assign(value.astype("float32"))
     return model
+
+
+# Session fixture `gemma_vocabulary`: a small Gemma-style SentencePiece model.
+from tests.text_fixtures import gemma_vocabulary  # noqa: E402, F401

@@ -1,0 +1,404 @@
+"""Gemma2CausalLMPreprocessor: text to packed token ids, labels and weights."""
+
+import contextlib
+import os
+
+import keras
+import keras_hub
+import numpy as np
+
+from keras_gemma2.models.backbone import Gemma2Backbone
+from keras_gemma2.models.tokenizer import Gemma2Tokenizer, read_keras_config
+
+TRUNCATE_POLICIES = ("error", "left", "right")
+PREPROCESSOR_CONFIG_FILE = "preprocessor.json"
+COMPATIBLE_CLASSES = (
+    "keras_gemma2>Gemma2CausalLMPreprocessor",
+    "keras_hub>GemmaCausalLMPreprocessor",
+)
+# Arguments of a KerasHub `GemmaCausalLMPreprocessor` config that carry over.
+_KERAS_HUB_ARGUMENTS = ("sequence_length", "add_start_token", "add_end_token")
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma2")
+class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
+    """Causal language-model preprocessing for Gemma 2.
+
+    Calling the layer on a string or a batch of strings tokenizes them with a
+    `Gemma2Tokenizer`, prepends `<bos>` (`add_start_token`), appends `<eos>`
+    (`add_end_token`), pads with `<pad>` to `sequence_length + 1` and returns
+    `(x, y, sample_weight)` for `fit`: `x["token_ids"]` and
+    `x["padding_mask"]` are the first `sequence_length` positions, `y` is the
+    same sequence shifted left by one (each position's next token) and
+    `sample_weight` is the padding mask of `y`, so padding adds no loss.
+    Gemma scores far worse without `<bos>`; keep `add_start_token=True`.
+
+    `generate_preprocess` packs prompts for `Gemma2CausalLM.generate`
+    (`<bos>`, no `<eos>`, padded to `sequence_length`);
+    `generate_postprocess` drops padding and every special token (`<pad>`,
+    `<eos>`, `<bos>`, `<start_of_turn>`, `<end_of_turn>`) and detokenizes.
+
+    A text longer than fits is handled by the `truncate` policy, never
+    silently: `"error"` raises, `"left"` drops tokens from the start (keeps
+    the most recent context, the usual choice for chat prompts), `"right"`
+    drops them from the end (KerasHub's behaviour). "Fits" means the text's
+    tokens plus `<bos>` and, for training, `<eos>` fill at most
+    `sequence_length` inputs plus the one extra label position; with both
+    special tokens that is `sequence_length - 1` text tokens. Inside a
+    `tf.data` pipeline the `"error"` check runs in the TensorFlow graph and
+    surfaces as `tf.errors.InvalidArgumentError` with the same facts (text
+    index and token count).
+
+    Tokenization runs in Python when called eagerly and in the TensorFlow
+    graph inside `tf.data` (`dataset.map(preprocessor)`), on every Keras
+    backend.
+
+    Args:
+        tokenizer: `Gemma2Tokenizer`.
+        sequence_length: int. Length of the packed inputs. Defaults to `1024`.
+        add_start_token: bool. Prepend `<bos>`. Defaults to `True`.
+        add_end_token: bool. Append `<eos>` when called for training
+            (never in `generate_preprocess`). Defaults to `True`.
+        truncate: string. What to do with a text that does not fit:
+            `"error"` (raise a `ValueError` naming `sequence_length`, the text
+            index and its token count), `"left"` or `"right"` (drop tokens
+            from that side of the text; `<bos>`/`<eos>` are always kept).
+            Defaults to `"error"`.
+        **kwargs: passed to `keras_hub.models.CausalLMPreprocessor`.
+
+    Call arguments:
+        x: string, list of strings, or string tensor.
+        y: must be `None`; labels are made from `x`.
+        sample_weight: must be `None`; weights are made from `x`.
+        sequence_length: int. Overrides `sequence_length` for this call.
+
+    Example:
+
+    >>> import io
+    >>> import keras
+    >>> import sentencepiece
+    >>> model = io.BytesIO()
+    >>> sentencepiece.SentencePieceTrainer.train(
+    ...     sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"]),
+    ...     model_writer=model, model_type="bpe", vocab_size=40,
+    ...     hard_vocab_limit=False, add_dummy_prefix=False,
+    ...     pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+    ...     eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+    ...     user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    ...     minloglevel=2)
+    >>> tokenizer = Gemma2Tokenizer(proto=model.getvalue())
+    >>> preprocessor = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=12)
+    >>> x, y, sample_weight = preprocessor(["the fox", "the lazy dog"])
+    >>> token_ids = keras.ops.convert_to_numpy(x["token_ids"])
+    >>> labels = keras.ops.convert_to_numpy(y)
+    >>> bool((token_ids[:, 0] == tokenizer.start_token_id).all())
+    True
+    >>> bool((labels[:, :-1] == token_ids[:, 1:]).all())
+    True
+    >>> keras.ops.convert_to_numpy(sample_weight).astype(int).tolist()[0]
+    [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    >>> prompts = preprocessor.generate_preprocess(["the fox"])
+    >>> preprocessor.generate_postprocess(prompts)
+    ['the fox']
+    """
+
+    backbone_cls = Gemma2Backbone
+    tokenizer_cls = Gemma2Tokenizer
+
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length=1024,
+        add_start_token=True,
+        add_end_token=True,
+        truncate="error",
+        **kwargs,
+    ):
+        if (
+            isinstance(sequence_length, bool)
+            or not isinstance(sequence_length, (int, np.integer))
+            or sequence_length < 1
+        ):
+            raise ValueError(
+                "Received an invalid value for `sequence_length`, expected a "
+                f"positive integer. Received: sequence_length={sequence_length!r}"
+            )
+        if truncate not in TRUNCATE_POLICIES:
+            raise ValueError(
+                "Received an invalid value for `truncate`, expected one of "
+                f"{list(TRUNCATE_POLICIES)}. Received: truncate={truncate!r}"
+            )
+        super().__init__(
+            tokenizer=tokenizer,
+            sequence_length=int(sequence_length),
+            add_start_token=add_start_token,
+            add_end_token=add_end_token,
+            **kwargs,
+        )
+        self.truncate = truncate
+
+    def build(self, input_shape):
+        # Built here, not in `__init__`, so that tokenizer assets restored
+        # after construction (saved models) are in place.
+        self.packer = TruncatingStartEndPacker(
+            truncate=self.truncate,
+            start_value=self.tokenizer.start_token_id,
+            end_value=self.tokenizer.end_token_id,
+            pad_value=self.tokenizer.pad_token_id,
+            sequence_length=self.sequence_length,
+            return_padding_mask=True,
+        )
+        self.built = True
+
+    @contextlib.contextmanager
+    def _packing(self, label_positions):
+        """Tell the packer how many packed positions are labels only."""
+        if not self.built:
+            self.build(None)
+        self.packer.label_positions = label_positions
+        try:
+            yield
+        finally:
+            self.packer.label_positions = 0
+
+    def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                f"`{type(self).__name__}` makes labels and weights from `x`; "
+                "expected `y=None` and `sample_weight=None`. Received: "
+                f"y={y!r}, sample_weight={sample_weight!r}"
+            )
+        # Training packs one position more than `sequence_length`: the last
+        # token is a label only.
+        with self._packing(label_positions=1):
+            return super().call(x, sequence_length=sequence_length)
+
+    def generate_preprocess(self, x, sequence_length=None):
+        """Tokenize and pack prompts for generation.
+
+        Prepends `<bos>` (when `add_start_token`), never appends `<eos>`, and
+        pads to `sequence_length`; a prompt that does not fit follows the
+        `truncate` policy.
+
+        Args:
+            x: string, list of strings, or string tensor.
+            sequence_length: int. Packed length; defaults to the layer's.
+
+        Returns:
+            A dict of `"token_ids"` and `"padding_mask"`.
+        """
+        with self._packing(label_positions=0):
+            return super().generate_preprocess(x, sequence_length=sequence_length)
+
+    def generate_postprocess(self, x):
+        """Detokenize generated ids, dropping padding and special tokens.
+
+        Args:
+            x: dict of `"token_ids"` and `"padding_mask"`, as returned by
+                `generate_preprocess` or the generate loop.
+
+        Returns:
+            A string, or a list of strings for a batch.
+        """
+        return super().generate_postprocess(x)
+
+    def get_config(self):
+        config = super().get_config()
+        config["truncate"] = self.truncate
+        return config
+
+    @classmethod
+    def from_preset(cls, preset, config_file=PREPROCESSOR_CONFIG_FILE, **kwargs):
+        """Build a `Gemma2CausalLMPreprocessor` from a preset directory.
+
+        The tokenizer loads with `Gemma2Tokenizer.from_preset` (our presets,
+        KerasHub/Kaggle Gemma presets, Hugging Face checkpoints). Settings
+        come from the preset's `preprocessor.json` when it holds a
+        `keras_gemma2>Gemma2CausalLMPreprocessor` (all of them) or a
+        `keras_hub>GemmaCausalLMPreprocessor` (`sequence_length`,
+        `add_start_token`, `add_end_token`); otherwise the defaults apply.
+
+        Args:
+            preset: string. A local preset directory or remote handle.
+            config_file: string. Name of the preprocessor config in the preset.
+                Defaults to `"preprocessor.json"`.
+            **kwargs: constructor arguments overriding the saved ones, e.g.
+                `sequence_length=2048`, `truncate="left"`, or a ready
+                `tokenizer`.
+
+        Example:
+
+        ```python
+        preprocessor = Gemma2CausalLMPreprocessor.from_preset(
+            "/path/to/gemma-2-2b", sequence_length=256
+        )
+        ```
+        """
+        from keras_gemma2.checkpoints.preset_loading import resolve_preset
+
+        directory = resolve_preset(preset)
+        config_path = os.path.join(directory, config_file)
+        saved = read_keras_config(config_path)
+        config = {}
+        if saved is not None:
+            registered_name = saved.get("registered_name")
+            if registered_name not in COMPATIBLE_CLASSES:
+                raise ValueError(
+                    f"{config_path} describes a {registered_name!r}, expected one "
+                    f"of {list(COMPATIBLE_CLASSES)}."
+                )
+            config = dict(saved.get("config") or {})
+            if registered_name != COMPATIBLE_CLASSES[0]:
+                config = {
+                    key: value
+                    for key, value in config.items()
+                    if key in _KERAS_HUB_ARGUMENTS
+                }
+        tokenizer = kwargs.pop("tokenizer", None)
+        if tokenizer is None:
+            tokenizer = cls.tokenizer_cls.from_preset(directory)
+        config.update(kwargs)
+        config["tokenizer"] = tokenizer
+        return cls.from_config(config)
+
+
+class TruncatingStartEndPacker(keras_hub.layers.StartEndPacker):
+    """`StartEndPacker` that applies a `truncate` policy before packing.
+
+    `label_positions` is set by the preprocessor while it packs for training
+    (1: the packed sequence is one longer than `sequence_length`), so that
+    errors name the `sequence_length` the user chose.
+    """
+
+    def __init__(self, truncate, **kwargs):
+        super().__init__(**kwargs)
+        self.truncate = truncate
+        self.label_positions = 0
+
+    def call(
+        self,
+        inputs,
+        sequence_length=None,
+        add_start_value=True,
+        add_end_value=True,
+    ):
+        packed_length = sequence_length or self.sequence_length
+        specials = []
+        if add_start_value and self.start_value is not None:
+            specials += self.start_value
+        if add_end_value and self.end_value is not None:
+            specials += self.end_value
+        room = max(packed_length - len(specials), 0)
+        policy = _TruncationPolicy(
+            self.truncate,
+            room=room,
+            sequence_length=packed_length - self.label_positions,
+            special_count=len(specials),
+        )
+        inputs = policy.apply(inputs)
+        return super().call(
+            inputs,
+            sequence_length=sequence_length,
+            add_start_value=add_start_value,
+            add_end_value=add_end_value,
+        )
+
+
+class _TruncationPolicy:
+    """Check or cut token rows `[batch, None]` (or one row) to `room` tokens."""
+
+    HEAD = "Received a text longer than `sequence_length` allows: text"
+
+    def __init__(self, truncate, room, sequence_length, special_count):
+        self.truncate = truncate
+        self.room = room
+        self.sequence_length = sequence_length
+        self.special_count = special_count
+
+    def tail(self):
+        """The part of the error message after the token count."""
+        return (
+            f"tokens, but `sequence_length={self.sequence_length}` leaves room "
+            f"for {self.room} text tokens beside {self.special_count} special "
+            "token(s) (<bos>, <eos>). Pass a larger `sequence_length`, shorten "
+            "the text, or construct the preprocessor with `truncate='left'` "
+            "(drop the start) or `truncate='right'` (drop the end)."
+        )
+
+    def apply(self, inputs):
+        tf = _tensorflow()
+        if (
+            tf is not None
+            and isinstance(inputs, (tf.Tensor, tf.RaggedTensor))
+            and not tf.executing_eagerly()
+        ):
+            return self._apply_graph(tf, inputs)
+        rows, batched = _python_rows(inputs)
+        rows = [self._cut(index, row) for index, row in enumerate(rows)]
+        return rows if batched else rows[0]
+
+    def _cut(self, index, row):
+        if len(row) <= self.room:
+            return row
+        if self.truncate == "error":
+            raise ValueError(f"{self.HEAD} {index} has {len(row)} {self.tail()}")
+        if self.truncate == "right":
+            return row[: self.room]
+        return row[len(row) - self.room :]
+
+    def _apply_graph(self, tf, inputs):
+        """The same policy on `tf.RaggedTensor` rows inside a traced graph."""
+        unbatched = isinstance(inputs, tf.Tensor) and inputs.shape.rank == 1
+        if isinstance(inputs, tf.RaggedTensor):
+            rows = inputs
+        else:
+            rows = tf.RaggedTensor.from_tensor(
+                inputs[tf.newaxis] if unbatched else inputs
+            )
+        lengths = rows.row_lengths()  # [batch]
+        if self.truncate == "error":
+            too_long = lengths > self.room  # [batch]
+            # A sentinel row keeps argmax/gather defined on an empty batch.
+            flags = tf.concat([tf.cast(too_long, "int32"), [1]], axis=0)
+            index = tf.argmax(flags)  # first text that is too long
+            count = tf.gather(tf.concat([lengths, [0]], axis=0), index)
+            check = tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(too_long)),
+                [self.HEAD, index, "has", count, self.tail()],
+            )
+            with tf.control_dependencies([check]):
+                rows = rows.with_values(tf.identity(rows.values))
+        elif self.truncate == "right":
+            rows = rows[:, : self.room]
+        else:
+            limits = rows.row_limits()
+            starts = limits - tf.minimum(lengths, self.room)
+            rows = tf.gather(rows.values, tf.ragged.range(starts, limits))
+        return rows[0] if unbatched else rows
+
+
+def _python_rows(inputs):
+    """Token rows as Python lists; return `(rows, batched)`."""
+    tf = _tensorflow()
+    if tf is not None and isinstance(inputs, tf.RaggedTensor):
+        return inputs.to_list(), True
+    if tf is not None and isinstance(inputs, tf.Tensor):
+        inputs = inputs.numpy()
+    if isinstance(inputs, np.ndarray) or keras.ops.is_tensor(inputs):
+        array = keras.ops.convert_to_numpy(inputs)
+        if array.ndim == 1:
+            return [array.tolist()], False
+        return array.tolist(), True
+    inputs = list(inputs)
+    if inputs and isinstance(inputs[0], (list, tuple, np.ndarray)):
+        return [list(np.asarray(row).tolist()) for row in inputs], True
+    return [inputs], False
+
+
+def _tensorflow():
+    """The `tensorflow` module when installed, else `None`."""
+    try:
+        import tensorflow
+    except ImportError:
+        return None
+    return tensorflow
