@@ -137,14 +137,19 @@ def load_causal_lm(causal_lm_cls, preset, load_weights=True, progress=None, **kw
     )
     preprocessor = None
     if causal_lm_cls.preprocessor_cls is not None and _has_tokenizer(directory):
-        preprocessor_cls = causal_lm_cls.preprocessor_cls
-        tokenizer = preprocessor_cls.tokenizer_cls.from_preset(directory)
-        preprocessor = preprocessor_cls(tokenizer=tokenizer)
+        preprocessor = causal_lm_cls.preprocessor_cls.from_preset(directory)
     return causal_lm_cls(backbone=backbone, preprocessor=preprocessor)
 
 
 def _has_tokenizer(directory):
-    return any(
-        os.path.isfile(os.path.join(directory, name))
-        for name in ("tokenizer.model", "tokenizer.json")
-    )
+    """A SentencePiece model (HF layout) or a Keras tokenizer config."""
+    if os.path.isfile(os.path.join(directory, "tokenizer.model")):
+        return True
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as file:
+            return "class_name" in json.load(file)  # HF's tokenizer.json has none
+    except (OSError, ValueError):
+        return False

@@ -2,9 +2,13 @@
 
 import keras
 import keras_hub
+from keras import ops
 
+from keras_gemma2.generation.compiled import compile_generate
+from keras_gemma2.generation.decode import generate_tokens, prefill_bucket
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
+from keras_gemma2.models.preprocessor import Gemma2CausalLMPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -36,7 +40,7 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
     """
 
     backbone_cls = Gemma2Backbone
-    preprocessor_cls = None
+    preprocessor_cls = Gemma2CausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         if not isinstance(backbone, Gemma2Backbone):
@@ -59,6 +63,65 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         logits = backbone.token_embedding(hidden_states, reverse=True)
         outputs = self.logit_soft_cap(logits)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """Logits for `token_ids` at `cache_update_index`, updating the cache.
+
+        Args:
+            token_ids: int tensor `[batch, T]`.
+            cache: `(local_cache, global_cache)`; see
+                `keras_gemma2.generation.kv_cache`.
+            cache_update_index: int scalar, position of the first token.
+
+        Returns:
+            `(logits [batch, T, vocabulary_size], hidden_states, cache)`.
+        """
+        hidden_states, cache = self.backbone.compute_hidden_states(
+            token_ids, cache=cache, cache_update_index=cache_update_index
+        )
+        logits = self.backbone.token_embedding(hidden_states, reverse=True)
+        return self.logit_soft_cap(logits), hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None, prefill_length=None):
+        """Complete one batch of right-padded prompts (compiled by `generate`).
+
+        Args:
+            inputs: dict of `"token_ids"` and `"padding_mask"`, `[batch,
+                max_length]`.
+            stop_token_ids: tuple of ints or `None`.
+            prefill_length: static int >= the longest prompt; defaults to
+                `max_length`.
+        """
+        token_ids = inputs["token_ids"]
+        if prefill_length is None:
+            prefill_length = token_ids.shape[1]
+        return generate_tokens(
+            self, token_ids, inputs["padding_mask"], stop_token_ids, prefill_length
+        )
+
+    def make_generate_function(self):
+        """Return the generation function, compiled once per shape and backend.
+
+        The prompt's prefill length is bucketed to a power of two on the host,
+        so one compiled function serves every prompt up to its bucket.
+        """
+        if self.generate_function is not None:
+            return self.generate_function
+        compiled = {}
+
+        def generate_function(inputs, stop_token_ids=None):
+            if isinstance(stop_token_ids, list):
+                stop_token_ids = tuple(stop_token_ids)
+            mask = ops.convert_to_numpy(inputs["padding_mask"])
+            max_length = mask.shape[1]
+            prefill_length = prefill_bucket(int(mask.sum(axis=1).max()), max_length)
+            key = (prefill_length, stop_token_ids)
+            if key not in compiled:
+                compiled[key] = compile_generate(self, stop_token_ids, prefill_length)
+            return compiled[key](inputs)
+
+        self.generate_function = generate_function
+        return generate_function
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

@@ -1,0 +1,126 @@
+"""The compiled generation loop: prefill once, then one token per step.
+
+Phases (as in gpt-fast): `prefill` runs the prompt through every layer in one
+pass with linear caches of the prompt's bucketed length, then local layers
+keep only a window-sized ring; `decode` appends one token per step. Global
+layers read only a prefix of their cache: the loop runs in segments whose
+prefix length doubles (`bucket_edges`), so a step at position `p` reads at
+most `2 p` global slots and `sliding_window_size` local slots, never all of
+`max_length`.
+"""
+
+from keras import ops
+
+from keras_gemma2.generation.kv_cache import empty_cache, ring_from_linear, ring_size
+
+MIN_PREFILL_BUCKET = 16
+
+
+def prefill_bucket(prompt_length, max_length):
+    """Static prefill length: the next power of two >= `prompt_length` (min 16)."""
+    bucket = MIN_PREFILL_BUCKET
+    while bucket < prompt_length:
+        bucket *= 2
+    return min(bucket, max_length)
+
+
+def bucket_edges(prefill_length, max_length):
+    """Global-prefix lengths of the decode segments: doubling up to `max_length`."""
+    edges = [min(prefill_length, max_length)]
+    while edges[-1] < max_length:
+        edges.append(min(2 * edges[-1], max_length))
+    return edges
+
+
+def _any_equal(tokens, stop_token_ids):
+    """`[batch]` bool: does each token equal one of `stop_token_ids`."""
+    hits = [ops.equal(tokens, stop) for stop in stop_token_ids]
+    result = hits[0]
+    for hit in hits[1:]:
+        result = ops.logical_or(result, hit)
+    return result
+
+
+def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):
+    """Complete right-padded prompts in place; returns `{"token_ids", "padding_mask"}`.
+
+    Args:
+        causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
+        token_ids: int `[batch, max_length]`, prompts followed by padding.
+        padding_mask: `[batch, max_length]`, true on prompt tokens.
+        stop_token_ids: tuple of ints or `None`.
+        prefill_length: static int >= the longest prompt.
+    """
+    backbone, sampler = causal_lm.backbone, causal_lm.sampler
+    batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
+    prompt_mask = ops.cast(padding_mask, "bool")
+    # First position to generate: every row has a real token before it.
+    index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
+
+    # === Prefill ===
+    local_cache, global_cache = empty_cache(
+        backbone, batch_size, prefill_length, prefill_length
+    )
+    _, (local_cache, global_cache) = backbone.compute_hidden_states(
+        token_ids[:, :prefill_length],
+        cache=(local_cache, global_cache),
+        cache_update_index=0,
+    )
+    # The step that produces `index` re-reads position index - 1, so the
+    # rings hold the window ending there.
+    local_cache = ring_from_linear(
+        local_cache, index - 1, ring_size(backbone, max_length)
+    )
+    _, full_global = empty_cache(backbone, batch_size, 1, max_length)
+    full_global = ops.slice_update(full_global, [0] * 6, global_cache)
+
+    # === Decode ===
+    def step(prompt, local_cache, global_cache, index, done):
+        position = index - 1
+        current = ops.slice(prompt, [0, position], [batch_size, 1])
+        logits, _, (local_cache, global_cache) = causal_lm.call_with_cache(
+            current, (local_cache, global_cache), position
+        )
+        probabilities = sampler.compute_probabilities(logits[:, 0])
+        next_token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
+        forced = prompt_mask[:, index]
+        next_token = ops.where(forced, prompt[:, index], next_token)
+        prompt = ops.slice_update(prompt, [0, index], next_token[:, None])
+        if stop_token_ids is not None:
+            stopped = _any_equal(next_token, stop_token_ids)
+            done = ops.logical_or(done, ops.logical_and(stopped, ~forced))
+        return prompt, local_cache, global_cache, index + 1, done
+
+    done = ops.zeros((batch_size,), "bool")
+    prompt = token_ids
+    for edge in bucket_edges(prefill_length, max_length):
+        limit = min(edge, max_length - 1)
+
+        def cond(prompt, local_cache, global_cache, index, done, limit=limit):
+            return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
+
+        prefix = full_global[:, :, :, :edge]
+        prompt, local_cache, prefix, index, done = sampler.run_loop(
+            cond,
+            step,
+            loop_vars=(prompt, local_cache, prefix, index, done),
+            model=causal_lm,
+        )
+        full_global = ops.slice_update(full_global, [0] * 6, prefix)
+
+    return {
+        "token_ids": prompt,
+        "padding_mask": _output_mask(prompt, prompt_mask, stop_token_ids),
+    }
+
+
+def _output_mask(token_ids, prompt_mask, stop_token_ids):
+    """True up to and including the first generated stop token of each row."""
+    if stop_token_ids is None:
+        return ops.ones_like(prompt_mask, dtype="bool")
+    stops = ops.logical_and(
+        _any_equal(token_ids, stop_token_ids), ops.logical_not(prompt_mask)
+    )
+    stops = ops.cast(stops, "int32")
+    after = ops.cumsum(stops, axis=-1) - stops
+    return ops.logical_not(ops.cast(after, "bool"))

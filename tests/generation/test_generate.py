@@ -1,0 +1,153 @@
+"""Cached generation equals full forward passes, past the window, padded."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+from keras_gemma2.generation.kv_cache import empty_cache, ring_from_linear, ring_size
+from tests.conftest import TINY_BACKBONE_CONFIG
+
+MAX_LENGTH = 24  # prompts <= 16 prefill in one bucket; decode crosses to 24
+
+
+def make_causal_lm():
+    causal_lm = Gemma2CausalLM(Gemma2Backbone(**TINY_BACKBONE_CONFIG))
+    rng = np.random.RandomState(0)
+    for variable in causal_lm.weights:
+        shape = tuple(variable.shape)
+        if "scale" in variable.path:
+            std = 0.3
+        elif "embeddings" in variable.path:
+            # A small embedding keeps the tied head from just echoing the input.
+            std = 0.05
+        else:
+            std = 1.0 / np.sqrt(shape[0])
+        variable.assign(rng.normal(0.0, std, shape).astype("float32"))
+    causal_lm.compile(sampler="greedy")
+    return causal_lm
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+    return make_causal_lm()
+
+
+def full_logits(causal_lm, token_ids):
+    token_ids = np.asarray(token_ids, "int32")
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    return ops.convert_to_numpy(causal_lm(inputs))
+
+
+def ragged_prompts():
+    token_ids = np.zeros((2, MAX_LENGTH), "int32")
+    padding_mask = np.zeros((2, MAX_LENGTH), "int32")
+    for row, prompt in enumerate([[2, 5, 7], [2, 9, 4, 4, 8, 1, 3]]):
+        token_ids[row, : len(prompt)] = prompt
+        padding_mask[row, : len(prompt)] = 1
+    return token_ids, padding_mask
+
+
+def assert_greedy(causal_lm, token_ids, padding_mask, end=None):
+    """Each generated token is the argmax of a full forward pass over its prefix.
+
+    One full (uncached) forward pass over the finished sequences is the
+    reference: with causal attention, its logits at position i - 1 are those
+    of the prefix ending there.
+    """
+    logits = full_logits(causal_lm, token_ids)
+    for row in range(token_ids.shape[0]):
+        stop = MAX_LENGTH if end is None else end[row]
+        for i in range(int(padding_mask[row].sum()), stop):
+            assert token_ids[row, i] == logits[row, i - 1].argmax(), (row, i)
+
+
+def test_cached_logits_equal_full_forward_at_every_position(causal_lm):
+    backbone = causal_lm.backbone
+    length, prompt_length = 20, 3  # window is 5: decoding runs far past it
+    token_ids = np.random.RandomState(1).randint(0, 96, (2, length)).astype("int32")
+    expected = full_logits(causal_lm, token_ids)
+
+    # Prefill with linear caches, then keep window-sized rings for local layers.
+    cache = empty_cache(backbone, 2, prompt_length, prompt_length)
+    logits, _, (local, global_cache) = causal_lm.call_with_cache(
+        token_ids[:, :prompt_length], cache, 0
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(logits), expected[:, :prompt_length], atol=1e-4
+    )
+    ring = ring_size(backbone, length)
+    assert ring == TINY_BACKBONE_CONFIG["sliding_window_size"]
+    local = ring_from_linear(local, prompt_length - 1, ring)
+    _, full_global = empty_cache(backbone, 2, 1, length)
+    full_global = ops.slice_update(full_global, [0] * 6, global_cache)
+    for position in range(prompt_length, length):
+        logits, _, (local, full_global) = causal_lm.call_with_cache(
+            token_ids[:, position : position + 1], (local, full_global), position
+        )
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(logits)[:, 0], expected[:, position], atol=1e-4
+        )
+    assert tuple(local.shape)[3] == ring  # local layers never grew past the window
+
+
+def test_greedy_generation_matches_full_forward_reference(causal_lm):
+    token_ids, padding_mask = ragged_prompts()
+    outputs = causal_lm.generate(
+        {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
+    )
+    generated = ops.convert_to_numpy(outputs["token_ids"])
+    np.testing.assert_array_equal(
+        generated[padding_mask == 1], token_ids[padding_mask == 1]
+    )
+    assert_greedy(causal_lm, generated, padding_mask)
+    assert ops.convert_to_numpy(outputs["padding_mask"]).all()
+    assert len(set(generated[1, 7:].tolist())) > 3  # not a degenerate repeat
+
+
+def test_stop_token_masks_what_follows(causal_lm):
+    token_ids, padding_mask = ragged_prompts()
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    unstopped = ops.convert_to_numpy(
+        causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    )
+    stop = int(unstopped[1, 9])  # the third token row 1 generates
+    outputs = causal_lm.generate(inputs, stop_token_ids=(stop,))
+    mask = ops.convert_to_numpy(outputs["padding_mask"])
+    generated = ops.convert_to_numpy(outputs["token_ids"])
+    ends = []
+    for row in range(2):
+        start = int(padding_mask[row].sum())
+        hits = [i for i in range(start, MAX_LENGTH) if unstopped[row, i] == stop]
+        end = hits[0] + 1 if hits else MAX_LENGTH
+        ends.append(end)
+        np.testing.assert_array_equal(generated[row, :end], unstopped[row, :end])
+        assert mask[row, :end].all() and not mask[row, end:].any()
+    assert ends[1] == 10
+    assert_greedy(causal_lm, generated, padding_mask, end=ends)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "torch",
+    reason="torch generation is an eager loop by design: nothing is compiled",
+)
+def test_compiled_once_per_shape(monkeypatch):
+    causal_lm = make_causal_lm()
+    traces = []
+    original = Gemma2CausalLM.generate_step
+
+    def counting(self, *args, **kwargs):
+        traces.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Gemma2CausalLM, "generate_step", counting)
+    token_ids, padding_mask = ragged_prompts()
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    first = causal_lm.generate(inputs, stop_token_ids=None)
+    second = causal_lm.generate(inputs, stop_token_ids=None)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(first["token_ids"]),
+        ops.convert_to_numpy(second["token_ids"]),
+    )
