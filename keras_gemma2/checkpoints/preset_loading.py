@@ -20,7 +20,7 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
     load_hf_weights,
     read_hf_config,
 )
-from keras_gemma2.models.presets import PRESET_CONFIGS
+from keras_gemma2.models.presets import PRESET_CONFIGS, bundled_presets
 
 KERAS_GEMMA2 = "keras_gemma2"
 KERAS_HUB_GEMMA = "keras_hub_gemma"
@@ -40,6 +40,9 @@ def resolve_preset(preset):
     scheme, _ = handles.split_handle(preset)
     if scheme is not None:
         return handles.resolve_handle(preset)
+    bundled = bundled_presets()
+    if preset in bundled:
+        return bundled[preset]["path"]
     if preset in PRESET_CONFIGS:
         raise ValueError(
             f"The weights of {preset!r} are not bundled with keras_gemma2. Pass the "
@@ -53,7 +56,7 @@ def resolve_preset(preset):
     raise ValueError(
         "Received an unknown preset. Expected a local preset directory, a handle "
         "('hf://owner/name', 'kaggle://owner/model/keras/variation/version') or a "
-        f"bundled preset name. Received: preset={preset!r}"
+        f"bundled preset name {sorted(bundled)}. Received: preset={preset!r}"
     )
 
 

@@ -14,6 +14,7 @@ from keras_gemma2.layers.validation import (
     positive_number,
     unit_rate,
 )
+from keras_gemma2.models.presets import bundled_presets, classproperty
 
 
 def layer_is_local(index):
@@ -165,6 +166,11 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
         self.dropout = dropout
+
+    @classproperty
+    def presets(cls):
+        """Presets shipped with keras_gemma2: `{name: {"path", "metadata"}}`."""
+        return bundled_presets()
 
     def compute_hidden_states(
         self,

@@ -9,6 +9,7 @@ from keras_gemma2.generation.decode import generate_tokens, prefill_bucket
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
 from keras_gemma2.models.preprocessor import Gemma2CausalLMPreprocessor
+from keras_gemma2.models.presets import bundled_presets, classproperty
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -63,6 +64,11 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         logits = backbone.token_embedding(hidden_states, reverse=True)
         outputs = self.logit_soft_cap(logits)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    @classproperty
+    def presets(cls):
+        """Presets shipped with keras_gemma2: `{name: {"path", "metadata"}}`."""
+        return bundled_presets()
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Logits for `token_ids` at `cache_update_index`, updating the cache.

@@ -6,6 +6,8 @@ HF `config.json` files; the 27B's `query_pre_attn_scalar` is
 """
 
 import copy
+import json
+import os
 
 _COMMON = {
     "vocabulary_size": 256000,
@@ -71,3 +73,34 @@ def get_preset_config(name):
             f"{sorted(PRESET_CONFIGS)}. Received: preset={name!r}"
         )
     return copy.deepcopy(PRESET_CONFIGS[name])
+
+
+# Presets shipped inside the package (trained by this project), one directory
+# each under keras_gemma2/presets/, in our own preset format.
+BUNDLED_PRESETS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "presets"
+)
+
+
+def bundled_presets():
+    """`{name: {"path": directory, "metadata": dict}}` of the shipped presets."""
+    presets = {}
+    if not os.path.isdir(BUNDLED_PRESETS_DIR):
+        return presets
+    for name in sorted(os.listdir(BUNDLED_PRESETS_DIR)):
+        directory = os.path.join(BUNDLED_PRESETS_DIR, name)
+        metadata_path = os.path.join(directory, "metadata.json")
+        if os.path.isfile(metadata_path):
+            with open(metadata_path) as file:
+                presets[name] = {"path": directory, "metadata": json.load(file)}
+    return presets
+
+
+class classproperty:  # noqa: N801 - named like the builtin decorators
+    """A read-only property of the class (as `presets` is on KerasHub models)."""
+
+    def __init__(self, getter):
+        self.getter = getter
+
+    def __get__(self, instance, owner):
+        return self.getter(owner)
