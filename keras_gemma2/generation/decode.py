@@ -41,23 +41,15 @@ def _any_equal(tokens, stop_token_ids):
     return result
 
 
-def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):
-    """Complete right-padded prompts in place; returns `{"token_ids", "padding_mask"}`.
+def prefill(causal_lm, token_ids, prefill_length, index):
+    """Fill the caches from the prompt in one pass.
 
-    Args:
-        causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
-        token_ids: int `[batch, max_length]`, prompts followed by padding.
-        padding_mask: `[batch, max_length]`, true on prompt tokens.
-        stop_token_ids: tuple of ints or `None`.
-        prefill_length: static int >= the longest prompt.
+    Returns `(local_rings, global_cache)`: rings of `min(window, max_length)`
+    slots holding the window that ends at `index - 1`, and a linear global
+    cache of `max_length` slots.
     """
-    backbone, sampler = causal_lm.backbone, causal_lm.sampler
+    backbone = causal_lm.backbone
     batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
-    prompt_mask = ops.cast(padding_mask, "bool")
-    # First position to generate: every row has a real token before it.
-    index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
-
-    # === Prefill ===
     local_cache, global_cache = empty_cache(
         backbone, batch_size, prefill_length, prefill_length
     )
@@ -73,36 +65,73 @@ def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_
     )
     _, full_global = empty_cache(backbone, batch_size, 1, max_length)
     full_global = ops.slice_update(full_global, [0] * 6, global_cache)
+    return local_cache, full_global
 
-    # === Decode ===
-    def step(prompt, local_cache, global_cache, index, done):
-        position = index - 1
-        current = ops.slice(prompt, [0, position], [batch_size, 1])
-        logits, _, (local_cache, global_cache) = causal_lm.call_with_cache(
-            current, (local_cache, global_cache), position
+
+def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids):
+    """Produce the token at `index` from position `index - 1`.
+
+    Prompt positions (`prompt_mask`) are kept, not sampled, so a batch of
+    prompts of different lengths decodes in lockstep.
+
+    Returns `(prompt, caches, index + 1, done, next_token)`.
+    """
+    sampler = causal_lm.sampler
+    batch_size = ops.shape(prompt)[0]
+    position = index - 1
+    current = ops.slice(prompt, [0, position], [batch_size, 1])
+    logits, _, caches = causal_lm.call_with_cache(current, caches, position)
+    probabilities = sampler.compute_probabilities(logits[:, 0])
+    next_token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
+    forced = prompt_mask[:, index]
+    next_token = ops.where(forced, prompt[:, index], next_token)
+    prompt = ops.slice_update(prompt, [0, index], next_token[:, None])
+    if stop_token_ids is not None:
+        stopped = _any_equal(next_token, stop_token_ids)
+        done = ops.logical_or(done, ops.logical_and(stopped, ops.logical_not(forced)))
+    return prompt, caches, index + 1, done, next_token
+
+
+def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):
+    """Complete right-padded prompts; returns `{"token_ids", "padding_mask"}`.
+
+    Args:
+        causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
+        token_ids: int `[batch, max_length]`, prompts followed by padding.
+        padding_mask: `[batch, max_length]`, true on prompt tokens.
+        stop_token_ids: tuple of ints or `None`.
+        prefill_length: static int >= the longest prompt.
+    """
+    batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
+    prompt_mask = ops.cast(padding_mask, "bool")
+    # First position to generate: every row has a real token before it.
+    index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
+    local_cache, full_global = prefill(causal_lm, token_ids, prefill_length, index)
+
+    def body(prompt, local_cache, global_prefix, index, done):
+        prompt, caches, index, done, _ = decode_step(
+            causal_lm,
+            prompt,
+            prompt_mask,
+            (local_cache, global_prefix),
+            index,
+            done,
+            stop_token_ids,
         )
-        probabilities = sampler.compute_probabilities(logits[:, 0])
-        next_token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
-        forced = prompt_mask[:, index]
-        next_token = ops.where(forced, prompt[:, index], next_token)
-        prompt = ops.slice_update(prompt, [0, index], next_token[:, None])
-        if stop_token_ids is not None:
-            stopped = _any_equal(next_token, stop_token_ids)
-            done = ops.logical_or(done, ops.logical_and(stopped, ~forced))
-        return prompt, local_cache, global_cache, index + 1, done
+        return (prompt, *caches, index, done)
 
     done = ops.zeros((batch_size,), "bool")
     prompt = token_ids
     for edge in bucket_edges(prefill_length, max_length):
         limit = min(edge, max_length - 1)
 
-        def cond(prompt, local_cache, global_cache, index, done, limit=limit):
+        def cond(prompt, local_cache, global_prefix, index, done, limit=limit):
             return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
 
         prefix = full_global[:, :, :, :edge]
-        prompt, local_cache, prefix, index, done = sampler.run_loop(
+        prompt, local_cache, prefix, index, done = causal_lm.sampler.run_loop(
             cond,
-            step,
+            body,
             loop_vars=(prompt, local_cache, prefix, index, done),
             model=causal_lm,
         )
@@ -112,6 +141,38 @@ def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_
         "token_ids": prompt,
         "padding_mask": _output_mask(prompt, prompt_mask, stop_token_ids),
     }
+
+
+def stream_tokens(causal_lm, token_ids, padding_mask, stop_token_ids):
+    """Yield each new token id of a one-row batch as soon as it is sampled.
+
+    The same `prefill` and `decode_step` as `generate_tokens`, driven from
+    Python so tokens can leave the loop; the global cache is read through the
+    same doubling prefixes.
+    """
+    max_length = token_ids.shape[1]
+    prompt_mask = ops.cast(padding_mask, "bool")
+    length = int(ops.convert_to_numpy(ops.sum(ops.cast(prompt_mask, "int32"))))
+    prefill_length = prefill_bucket(length, max_length)
+    local_cache, full_global = prefill(causal_lm, token_ids, prefill_length, length)
+    edges = bucket_edges(prefill_length, max_length)
+    prompt, done = token_ids, ops.zeros((1,), "bool")
+    for index in range(length, max_length):
+        edge = next(edge for edge in edges if edge >= index)
+        prompt, (local_cache, prefix), _, done, token = decode_step(
+            causal_lm,
+            prompt,
+            prompt_mask,
+            (local_cache, full_global[:, :, :, :edge]),
+            index,
+            done,
+            stop_token_ids,
+        )
+        full_global = ops.slice_update(full_global, [0] * 6, prefix)
+        token = int(ops.convert_to_numpy(token)[0])
+        yield token
+        if stop_token_ids is not None and token in stop_token_ids:
+            return
 
 
 def _output_mask(token_ids, prompt_mask, stop_token_ids):

@@ -5,7 +5,12 @@ import keras_hub
 from keras import ops
 
 from keras_gemma2.generation.compiled import compile_generate
-from keras_gemma2.generation.decode import generate_tokens, prefill_bucket
+from keras_gemma2.generation.decode import (
+    generate_tokens,
+    prefill_bucket,
+    stream_tokens,
+)
+from keras_gemma2.generation.inputs import check_generate_inputs, make_sampler
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
 from keras_gemma2.models.preprocessor import Gemma2CausalLMPreprocessor
@@ -129,6 +134,125 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         self.generate_function = generate_function
         return generate_function
 
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="top_k",
+        temperature=1.0,
+        seed=None,
+        **kwargs,
+    ):
+        """Configure training and the sampler used by `generate`.
+
+        Args:
+            optimizer, loss, weighted_metrics, **kwargs: as
+                `keras_hub.models.CausalLM.compile`.
+            sampler: `"greedy"`, `"top_k"` (k=5), `"top_p"` (p=0.9),
+                `"random"`, or a `keras_hub.samplers.Sampler` instance.
+                Defaults to `"top_k"`.
+            temperature: positive float dividing the logits before sampling
+                (ignored by `"greedy"`). Defaults to `1.0`.
+            seed: optional int, makes sampling reproducible.
+        """
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=make_sampler(sampler, temperature, seed),
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        stop_token_ids="auto",
+        strip_prompt=False,
+        stream=False,
+    ):
+        """Complete prompts: strings (with a preprocessor) or token-id dicts.
+
+        Args:
+            inputs: a string, a list of strings (needs a preprocessor), or a
+                dict of right-padded `"token_ids"` and `"padding_mask"`
+                `[batch, max_length]` (then `max_length` is their width).
+            max_length: int, total length of prompt plus completion, at most
+                the 8192-token context. Defaults to the preprocessor's
+                `sequence_length`.
+            stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`), a tuple of
+                ids, or `None` to always generate `max_length` tokens.
+            strip_prompt: bool, return only the completion.
+            stream: bool. If `True`, `inputs` must be one string and the call
+                returns an iterator of text pieces, yielded as tokens arrive.
+
+        Example:
+
+        ```python
+        causal_lm = Gemma2CausalLM.from_preset("gemma2_tiny_python")
+        causal_lm.compile(sampler="greedy")
+        print(causal_lm.generate("def fibonacci(n):", max_length=64))
+        for piece in causal_lm.generate("import os", max_length=64, stream=True):
+            print(piece, end="", flush=True)
+        ```
+        """
+        stop_token_ids = self._stop_token_ids(stop_token_ids)
+        check_generate_inputs(self, inputs, max_length)
+        if stream:
+            return self._stream(inputs, max_length, stop_token_ids)
+        return super().generate(
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+
+    def _stop_token_ids(self, stop_token_ids):
+        if not (isinstance(stop_token_ids, str) and stop_token_ids == "auto"):
+            return stop_token_ids
+        if self.preprocessor is None:
+            raise ValueError(
+                '`stop_token_ids="auto"` needs a preprocessor (its tokenizer knows '
+                "the stop tokens). Pass `stop_token_ids=None` to generate to "
+                "`max_length`, or a tuple of token ids."
+            )
+        tokenizer = self.preprocessor.tokenizer
+        return (tokenizer.end_token_id, tokenizer.end_of_turn_token_id)
+
+    def _stream(self, prompt, max_length, stop_token_ids):
+        if not isinstance(prompt, str):
+            raise ValueError(
+                "`stream=True` takes one string prompt. Received: "
+                f"inputs of type {type(prompt).__name__}"
+            )
+        if self.sampler is None:
+            self.compile()
+        inputs = self.preprocessor.generate_preprocess(
+            [prompt], sequence_length=max_length
+        )
+        inputs = {key: ops.convert_to_tensor(value) for key, value in inputs.items()}
+        tokenizer = self.preprocessor.tokenizer
+        special = set(tokenizer.special_token_ids)
+
+        def pieces():
+            generated, text = [], ""
+            for token in stream_tokens(
+                self, inputs["token_ids"], inputs["padding_mask"], stop_token_ids
+            ):
+                if token in special:
+                    continue
+                generated.append(token)
+                # Detokenize the whole completion: a piece may end mid-character.
+                decoded = tokenizer.detokenize(ops.convert_to_tensor([generated]))
+                decoded = _to_text(decoded)
+                if decoded.startswith(text) and len(decoded) > len(text):
+                    yield decoded[len(text) :]
+                    text = decoded
+
+        return pieces()
+
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Build a `Gemma2CausalLM` from a preset.
@@ -164,3 +288,13 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
 
         with atomic_directory(preset_dir, overwrite=overwrite) as staging:
             super().save_to_preset(staging, max_shard_size=max_shard_size)
+
+
+def _to_text(decoded):
+    """First string of a detokenized batch, as Python `str`."""
+    value = decoded[0] if not isinstance(decoded, str) else decoded
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="ignore")
+    return str(value)

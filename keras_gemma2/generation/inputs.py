@@ -1,0 +1,139 @@
+"""Checks of `generate` arguments and sampler construction, before any compute."""
+
+import keras_hub
+import numpy as np
+from keras import ops
+
+from keras_gemma2.models.presets import MAX_SEQUENCE_LENGTH
+
+SAMPLERS = {
+    "greedy": lambda temperature, seed: keras_hub.samplers.GreedySampler(),
+    "top_k": lambda temperature, seed: keras_hub.samplers.TopKSampler(
+        k=5, seed=seed, temperature=temperature
+    ),
+    "top_p": lambda temperature, seed: keras_hub.samplers.TopPSampler(
+        p=0.9, seed=seed, temperature=temperature
+    ),
+    "random": lambda temperature, seed: keras_hub.samplers.RandomSampler(
+        seed=seed, temperature=temperature
+    ),
+}
+
+
+def make_sampler(sampler, temperature=1.0, seed=None):
+    """A `keras_hub.samplers.Sampler` from a name or an instance, validated."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(
+            "Received an invalid value for `temperature`, expected a positive "
+            f"number. Received: temperature={temperature!r}"
+        )
+    if temperature <= 0:
+        raise ValueError(
+            "Received an invalid value for `temperature`, expected a positive "
+            f"number. Received: temperature={temperature!r}"
+        )
+    if isinstance(sampler, keras_hub.samplers.Sampler):
+        if getattr(sampler, "temperature", 1.0) <= 0:
+            raise ValueError(
+                "The sampler's `temperature` must be positive. Received: "
+                f"temperature={sampler.temperature!r}"
+            )
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(
+            f"Received an unknown sampler. Expected one of {sorted(SAMPLERS)} or a "
+            f"keras_hub.samplers.Sampler instance. Received: sampler={sampler!r}"
+        )
+    return SAMPLERS[sampler](float(temperature), seed)
+
+
+def check_generate_inputs(causal_lm, inputs, max_length):
+    """Raise a `ValueError` naming the argument for inputs `generate` can't serve."""
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise ValueError(
+                "Received an invalid value for `max_length`, expected an int. "
+                f"Received: max_length={max_length!r}"
+            )
+        if not 1 < max_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                "Received an invalid value for `max_length`, expected 2 to "
+                f"{MAX_SEQUENCE_LENGTH} (Gemma 2's context). "
+                f"Received: max_length={max_length}"
+            )
+    if isinstance(inputs, dict):
+        _check_token_dict(causal_lm, inputs)
+        return
+    prompts = [inputs] if isinstance(inputs, str) else inputs
+    if causal_lm.preprocessor is None:
+        raise ValueError(
+            "Text prompts need a preprocessor; this model has none. Pass a dict "
+            "of `token_ids` and `padding_mask` instead."
+        )
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(
+            "Received an invalid value for `inputs`, expected a string, a non-empty "
+            f"list of strings, or a dict of token ids. Received: {inputs!r}"
+        )
+    tokenizer = causal_lm.preprocessor.tokenizer
+    limit = max_length or causal_lm.preprocessor.sequence_length
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"Prompt {i} is a {type(prompt).__name__}; expected a string."
+            )
+        if not prompt:
+            raise ValueError(
+                f"Prompt {i} is empty; give the model at least one character."
+            )
+        count = len(ops.convert_to_numpy(tokenizer.tokenize(prompt))) + 1  # <bos>
+        if count >= limit:
+            raise ValueError(
+                f"Prompt {i} has {count} tokens (with <bos>), which leaves no room "
+                f"to generate within max_length={limit}. Pass a larger `max_length` "
+                f"(up to {MAX_SEQUENCE_LENGTH}) or a shorter prompt."
+            )
+
+
+def _check_token_dict(causal_lm, inputs):
+    missing = {"token_ids", "padding_mask"} - set(inputs)
+    if missing:
+        raise ValueError(
+            f"The inputs dict lacks {sorted(missing)}; expected keys "
+            "'token_ids' and 'padding_mask'."
+        )
+    token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+    padding_mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"]))
+    if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
+        raise ValueError(
+            "`token_ids` and `padding_mask` must both be [batch, max_length]. "
+            f"Received shapes {token_ids.shape} and {padding_mask.shape}."
+        )
+    if not np.issubdtype(token_ids.dtype, np.integer):
+        raise ValueError(
+            f"`token_ids` must be integers. Received dtype {token_ids.dtype}."
+        )
+    vocabulary = causal_lm.backbone.vocabulary_size
+    bad = (token_ids < 0) | (token_ids >= vocabulary)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise ValueError(
+            f"`token_ids` holds {token_ids[row, column]} at [{row}, {column}], outside "
+            f"the vocabulary [0, {vocabulary})."
+        )
+    lengths = padding_mask.astype(bool).sum(axis=1)
+    if (lengths == 0).any():
+        raise ValueError(
+            f"Row {int(np.argmin(lengths))} of `padding_mask` is empty; every prompt "
+            "needs at least one token (usually <bos>)."
+        )
+    if (lengths >= token_ids.shape[1]).any():
+        raise ValueError(
+            f"Row {int(np.argmax(lengths))} fills all {token_ids.shape[1]} positions; "
+            "pad `token_ids` to leave room for the completion."
+        )
+    if token_ids.shape[1] > MAX_SEQUENCE_LENGTH:
+        raise ValueError(
+            f"`token_ids` has {token_ids.shape[1]} positions, more than the "
+            f"{MAX_SEQUENCE_LENGTH}-token context."
+        )

@@ -1,0 +1,109 @@
+"""Text in, text out: strings, streaming, and every bad input named."""
+
+import numpy as np
+import pytest
+
+from keras_gemma2 import (
+    Gemma2Backbone,
+    Gemma2CausalLM,
+    Gemma2CausalLMPreprocessor,
+    Gemma2Tokenizer,
+)
+from tests.generation.test_generate import make_causal_lm
+
+
+@pytest.fixture(scope="module")
+def text_lm(gemma_vocabulary):
+    tokenizer = Gemma2Tokenizer(proto=gemma_vocabulary)
+    backbone = Gemma2Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=24,
+        head_dim=8,
+        sliding_window_size=4,
+    )
+    preprocessor = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=24)
+    causal_lm = Gemma2CausalLM(backbone, preprocessor)
+    causal_lm.compile(sampler="greedy")
+    return causal_lm
+
+
+def test_string_generation_and_streaming_agree(text_lm):
+    prompt = "def add(a, b):"
+    text = text_lm.generate(prompt, max_length=20, stop_token_ids=None)
+    assert isinstance(text, str) and text.startswith(prompt)
+    pieces = list(
+        text_lm.generate(prompt, max_length=20, stop_token_ids=None, stream=True)
+    )
+    assert len(pieces) > 1  # it streamed, not one final chunk
+    assert prompt + "".join(pieces) == text
+
+
+def test_batch_of_prompts_of_different_lengths(text_lm):
+    prompts = ["x = 1", "for item in range(10):"]
+    batch = text_lm.generate(prompts, max_length=20, stop_token_ids=None)
+    singles = [text_lm.generate(p, max_length=20, stop_token_ids=None) for p in prompts]
+    assert batch == singles
+
+
+@pytest.mark.parametrize(
+    "inputs, kwargs, message",
+    [
+        ("def f():", {"max_length": 3}, "max_length=3"),
+        ("def f():", {"max_length": 9000}, "max_length"),
+        ("", {}, "Prompt 0 is empty"),
+        (["ok", ""], {}, "Prompt 1 is empty"),
+    ],
+)
+def test_bad_text_inputs(text_lm, inputs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        text_lm.generate(inputs, **kwargs)
+
+
+def test_bad_token_dicts():
+    causal_lm = make_causal_lm()
+    token_ids = np.zeros((1, 8), "int32")
+    mask = np.zeros((1, 8), "int32")
+    mask[0, :2] = 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        causal_lm.generate(
+            {"token_ids": token_ids + 500, "padding_mask": mask}, stop_token_ids=None
+        )
+    with pytest.raises(ValueError, match="padding_mask` is empty"):
+        causal_lm.generate(
+            {"token_ids": token_ids, "padding_mask": mask * 0}, stop_token_ids=None
+        )
+    with pytest.raises(ValueError, match="needs a preprocessor"):
+        causal_lm.generate({"token_ids": token_ids, "padding_mask": mask})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sampler": "beam_me_up"}, "unknown sampler"),
+        ({"sampler": "top_k", "temperature": -0.5}, "temperature"),
+        ({"sampler": "random", "temperature": 0}, "temperature"),
+    ],
+)
+def test_bad_sampler_settings(kwargs, message):
+    causal_lm = make_causal_lm()
+    with pytest.raises(ValueError, match=message):
+        causal_lm.compile(**kwargs)
+
+
+def test_seeded_sampling_is_reproducible():
+    causal_lm = make_causal_lm()
+    token_ids = np.zeros((1, 12), "int32")
+    mask = np.zeros((1, 12), "int32")
+    token_ids[0, :2], mask[0, :2] = [2, 7], 1
+    inputs = {"token_ids": token_ids, "padding_mask": mask}
+    outputs = []
+    for _ in range(2):
+        causal_lm.compile(sampler="random", temperature=2.0, seed=1234)
+        outputs.append(
+            np.asarray(causal_lm.generate(inputs, stop_token_ids=None)["token_ids"])
+        )
+    np.testing.assert_array_equal(outputs[0], outputs[1])
