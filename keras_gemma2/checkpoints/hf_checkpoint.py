@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from keras_gemma2.checkpoints.safetensors_files import read_header, read_tensor
+from keras_gemma2.checkpoints.unallocated import build_unallocated, forget_pending
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -289,9 +290,26 @@ def build_for_loading(backbone_cls, config):
     in place, so they build normally.
     """
     if keras.config.backend() == "jax":
-        with keras.StatelessScope(initialize_variables=False):
-            return backbone_cls(**config)
+        return build_unallocated(lambda: backbone_cls(**config))
     return backbone_cls(**config)
+
+
+def to_hf_layout(hf_name, array, hf_shape):
+    """Invert `weight_plan`'s `to_keras` for one tensor: Keras layout -> HF.
+
+    Every `*_proj.weight` is a torch `Linear` stored `[out, in]`; its Keras
+    kernel is `[in, ...]` (e.g. `[hidden, heads, head_dim]`), so it is
+    reshaped to `[in, out]` and transposed. Every other tensor (norm scales,
+    the embedding) keeps its element order and only takes `hf_shape`.
+
+    Args:
+        hf_name: string. The HF tensor name from `weight_plan`.
+        array: numpy array in the Keras variable's layout.
+        hf_shape: tuple. The expected HF shape from `weight_plan`.
+    """
+    if hf_name.endswith("_proj.weight"):
+        return np.reshape(array, tuple(hf_shape)[::-1]).T
+    return np.reshape(array, tuple(hf_shape))
 
 
 def load_hf_weights(backbone, directory, progress=None):
@@ -335,9 +353,13 @@ def load_hf_weights(backbone, directory, progress=None):
                 f"Tensor `{name}` in {entries[name].path} has shape {stored}; "
                 f"expected {wanted} from config.json."
             )
-    for done, (name, variable, _, to_keras) in enumerate(plan, start=1):
-        array = to_keras(read_tensor(entries[name]))
-        variable.assign(_for_assignment(array, variable.dtype))
-        del array
-        if progress is not None:
-            progress(done, len(plan), name)
+    try:
+        for done, (name, variable, _, to_keras) in enumerate(plan, start=1):
+            array = to_keras(read_tensor(entries[name]))
+            variable.assign(_for_assignment(array, variable.dtype))
+            del array
+            if progress is not None:
+                progress(done, len(plan), name)
+    finally:
+        # Built by `build_for_loading`: loaded (or discarded) either way.
+        forget_pending(backbone.weights)

@@ -1,0 +1,34 @@
+"""Build a backbone without allocating its weights, for loading (JAX only).
+
+This is the one module of keras_gemma2 that touches Keras internals
+(`keras.src`); `tests/checkpoints/test_unallocated.py` fails loudly if they
+move. Variables created in `keras.StatelessScope(initialize_variables=False)`
+hold no value until assigned, but Keras also lists them as pending: the next
+`StatelessScope` to close would initialise them again and fail ("already
+initialized"). `forget_pending` takes loaded variables off that list.
+"""
+
+import keras
+from keras.src.backend.common import global_state
+
+_PENDING = "uninitialized_variables"
+
+
+def build_unallocated(factory):
+    """Call `factory()` with variable allocation deferred to first assignment."""
+    with keras.StatelessScope(initialize_variables=False):
+        return factory()
+
+
+def forget_pending(variables):
+    """Remove `variables` from Keras' list of variables awaiting initialisation."""
+    pending = global_state.get_global_attribute(_PENDING) or []
+    ids = {id(variable) for variable in variables}
+    global_state.set_global_attribute(
+        _PENDING, [variable for variable in pending if id(variable) not in ids]
+    )
+
+
+def pending_variables():
+    """Variables Keras will initialise at the next closing `StatelessScope`."""
+    return list(global_state.get_global_attribute(_PENDING) or [])
