@@ -116,7 +116,11 @@ def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **over
         from keras_gemma2.checkpoints.keras_hub_preset import load_keras_hub_backbone
 
         return load_keras_hub_backbone(
-            backbone_cls, directory, load_weights=load_weights, **overrides
+            backbone_cls,
+            directory,
+            load_weights=load_weights,
+            progress=progress,
+            **overrides,
         )
     return keras_hub.models.Backbone.from_preset.__func__(
         backbone_cls, directory, load_weights=load_weights, **overrides

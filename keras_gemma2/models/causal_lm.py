@@ -253,6 +253,47 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
 
         return pieces()
 
+    def export_to_transformers(
+        self,
+        path,
+        tokenizer=None,
+        max_shard_size=5 * 2**30,
+        dtype=None,
+        overwrite=False,
+    ):
+        """Write a Hugging Face checkpoint `transformers` loads as Gemma 2.
+
+        Writes `config.json`, `generation_config.json`, safetensors weights
+        (sharded past `max_shard_size` bytes, with an index) and, when a
+        tokenizer is known, `tokenizer.model` with its configs. The directory
+        is staged and renamed into place, so a failure leaves nothing.
+
+        Args:
+            path: string. Destination directory.
+            tokenizer: optional `Gemma2Tokenizer`; defaults to the
+                preprocessor's.
+            max_shard_size: int. Bytes per weights file. Defaults to 5 GiB.
+            dtype: `"float32"`, `"bfloat16"` or `None` (the model's dtype).
+            overwrite: bool. Replace an existing `path`.
+
+        Example:
+
+        ```python
+        causal_lm.export_to_transformers("./gemma2-hf", dtype="bfloat16")
+        model = transformers.AutoModelForCausalLM.from_pretrained("./gemma2-hf")
+        ```
+        """
+        from keras_gemma2.checkpoints.hf_export import export_to_transformers
+
+        export_to_transformers(
+            self,
+            path,
+            tokenizer=tokenizer,
+            max_shard_size_bytes=max_shard_size,
+            dtype=dtype,
+            overwrite=overwrite,
+        )
+
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Build a `Gemma2CausalLM` from a preset.

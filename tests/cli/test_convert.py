@@ -43,3 +43,22 @@ def test_convert_reports_bad_source_without_traceback(tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err
     assert "missing" in error and "Traceback" not in error
+
+
+def test_convert_keras_preset_to_transformers(hf_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source, model = hf_checkpoint(seed=23)
+    preset = str(tmp_path / "preset")
+    assert main(["convert", source, preset, "--to", "keras", "--dtype", "float32"]) == 0
+    exported = str(tmp_path / "exported")
+    arguments = ["convert", preset, exported, "--to", "transformers"]
+    assert main([*arguments, "--dtype", "float32", "--max-shard-gb", "0.00005"]) == 0
+    shards = [n for n in os.listdir(exported) if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    token_ids = random_token_ids(1, 12, TINY_HF_CONFIG["vocab_size"], seed=23)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        exported, attn_implementation="eager"
+    )
+    difference = np.abs(hf_logits(reloaded, token_ids) - hf_logits(model, token_ids))
+    assert difference.max() <= 1e-4

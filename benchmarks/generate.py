@@ -1,0 +1,278 @@
+"""Generation speed: ours vs KerasHub's GemmaCausalLM (and HF eager on torch).
+
+Usage: `python benchmarks/generate.py [--backends jax,tensorflow,torch]
+[--repeats 3] [--dtypes float32,bfloat16] [--cases a,b]`
+
+One set of random weights (a KerasHub `GemmaCausalLM` with Gemma 2 settings,
+saved as a preset) is loaded by every implementation: ours through
+`Gemma2CausalLM.from_preset`, HF through our `export_to_transformers`.
+Mid config: vocabulary 32000, 8 layers, hidden 512, 8/4 heads, head_dim 64,
+intermediate 2048 per branch, window 256; batch 1; greedy, no early stop.
+Case (a): 32-token prompt + 64 new tokens (tokens/s of the whole call);
+case (b): 2048-token prompt + 128 new tokens (seconds end to end).
+Each backend runs in its own process; medians of `--repeats` timed runs
+after one warm-up (compilation) run. The roof is weight bytes per token over
+memory bandwidth measured in the same run with all cores.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MID = {
+    "vocabulary_size": 32000,
+    "num_layers": 8,
+    "num_query_heads": 8,
+    "num_key_value_heads": 4,
+    "hidden_dim": 512,
+    "intermediate_dim": 2048,
+    "head_dim": 64,
+    "sliding_window_size": 256,
+}
+CASES = {"a": (32, 64), "b": (2048, 128)}
+
+
+def make_weights(directory):
+    """Random KerasHub Gemma 2-style preset (run under any backend)."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=MID["vocabulary_size"],
+        num_layers=MID["num_layers"],
+        num_query_heads=MID["num_query_heads"],
+        num_key_value_heads=MID["num_key_value_heads"],
+        hidden_dim=MID["hidden_dim"],
+        intermediate_dim=2 * MID["intermediate_dim"],  # KerasHub counts both branches
+        head_dim=MID["head_dim"],
+        query_head_dim_normalize=True,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0,
+        use_sliding_window_attention=True,
+        sliding_window_size=MID["sliding_window_size"],
+    )
+    keras_hub.models.GemmaCausalLM(backbone).save_to_preset(
+        os.path.join(directory, "keras_hub")
+    )
+    from keras_gemma2 import Gemma2CausalLM
+    from keras_gemma2.checkpoints.hf_export import export_to_transformers
+
+    ours = Gemma2CausalLM.from_preset(os.path.join(directory, "keras_hub"))
+    export_to_transformers(ours, os.path.join(directory, "hf"))
+
+
+def inputs_for(prompt, new, batch=1):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    token_ids = np.zeros((batch, prompt + new), "int32")
+    token_ids[:, :prompt] = rng.integers(3, MID["vocabulary_size"], (batch, prompt))
+    token_ids[:, 0] = 2
+    padding_mask = np.zeros_like(token_ids)
+    padding_mask[:, :prompt] = 1
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def timed(function, repeats):
+    function()  # warm-up: compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def child(directory, dtype, cases, repeats, peers):
+    """Runs in a process with KERAS_BACKEND set; prints one JSON line per result."""
+    import keras
+    import keras_hub
+
+    from keras_gemma2 import Gemma2CausalLM
+    from keras_gemma2.generation.kv_cache import cache_bytes
+
+    backend = keras.config.backend()
+    models = {
+        "ours": Gemma2CausalLM.from_preset(
+            os.path.join(directory, "keras_hub"), dtype=dtype
+        )
+    }
+    if "keras_hub" in peers:
+        models["keras_hub"] = keras_hub.models.GemmaCausalLM.from_preset(
+            os.path.join(directory, "keras_hub"), dtype=dtype
+        )
+    for model in models.values():
+        model.compile(sampler="greedy")
+    weight_bytes = models["ours"].count_params() * (4 if dtype == "float32" else 2)
+    for case in cases:
+        prompt, new = CASES[case]
+        inputs = inputs_for(prompt, new)
+        for name, model in models.items():
+            seconds = timed(
+                lambda m=model, x=inputs: m.generate(x, stop_token_ids=None), repeats
+            )
+            ours_cache, full_cache = cache_bytes(
+                models["ours"].backbone, 1, prompt + new, 4 if dtype == "float32" else 2
+            )
+            print(
+                json.dumps(
+                    {
+                        "backend": backend,
+                        "dtype": dtype,
+                        "case": case,
+                        "model": name,
+                        "seconds": seconds,
+                        "tokens_per_s": new / seconds,
+                        "cache_bytes": ours_cache if name == "ours" else full_cache,
+                        "weight_bytes": weight_bytes,
+                    }
+                ),
+                flush=True,
+            )
+        if backend == "torch" and "hf" in peers:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(
+                os.path.join(directory, "hf"),
+                attn_implementation="eager",
+                dtype=torch.float32 if dtype == "float32" else torch.bfloat16,
+            ).eval()
+            ids = torch.tensor(inputs["token_ids"][:, :prompt], dtype=torch.long)
+
+            def run_hf(hf=hf, ids=ids, new=new):
+                with torch.no_grad():
+                    hf.generate(
+                        ids, max_new_tokens=new, min_new_tokens=new, do_sample=False
+                    )
+
+            seconds = timed(run_hf, repeats)
+            print(
+                json.dumps(
+                    {
+                        "backend": "torch",
+                        "dtype": dtype,
+                        "case": case,
+                        "model": "hf_eager",
+                        "seconds": seconds,
+                        "tokens_per_s": new / seconds,
+                        "cache_bytes": None,
+                        "weight_bytes": weight_bytes,
+                    }
+                ),
+                flush=True,
+            )
+
+
+def bandwidth_gb_per_s(size_bytes=1 << 30, repeats=5):
+    """Read bandwidth with all cores: threads each sum a slice of one array."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    data = np.ones(size_bytes // 8, dtype=np.float64)
+    workers = os.cpu_count() or 1
+    chunks = np.array_split(data, workers * 4)
+    best = 0.0
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, chunks))
+            best = max(best, size_bytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="jax,tensorflow,torch")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--cases", default="a,b")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", default="keras_hub,hf")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cases, peers = args.cases.split(","), args.peers.split(",")
+    if args.child:
+        directory, dtype, _ = args.child
+        child(directory, dtype, cases, args.repeats, peers)
+        return
+    import keras
+
+    with tempfile.TemporaryDirectory() as directory:
+        make_weights(directory)
+        results = []
+        for dtype in args.dtypes.split(","):
+            for backend in args.backends.split(","):
+                env = {
+                    **os.environ,
+                    "KERAS_BACKEND": backend,
+                    "TF_CPP_MIN_LOG_LEVEL": "3",
+                }
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    directory,
+                    dtype,
+                    "-",
+                    "--cases",
+                    args.cases,
+                    "--repeats",
+                    str(args.repeats),
+                    "--peers",
+                    args.peers,
+                ]
+                process = subprocess.run(
+                    command, capture_output=True, text=True, env=env
+                )
+                lines = [
+                    line for line in process.stdout.splitlines() if line.startswith("{")
+                ]
+                if process.returncode != 0:
+                    last = process.stderr.strip().splitlines()[-1:]
+                    print(f"# {backend} {dtype} failed: {last}")
+                results += [json.loads(line) for line in lines]
+        roof = bandwidth_gb_per_s()
+    print(
+        f"# generate: {platform.machine()}, {os.cpu_count()} cores, "
+        f"keras {keras.__version__}; median of {args.repeats}; "
+        f"measured read bandwidth {roof:.1f} GB/s"
+    )
+    print(
+        "| case | dtype | backend | model | seconds | tokens/s | ours/peer "
+        "| cache MB | roof tokens/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results:
+        ours = next(
+            r
+            for r in results
+            if r["case"] == row["case"]
+            and r["dtype"] == row["dtype"]
+            and r["backend"] == row["backend"]
+            and r["model"] == "ours"
+        )
+        ratio = (
+            ""
+            if row["model"] == "ours"
+            else f"{ours['tokens_per_s'] / row['tokens_per_s']:.2f}x"
+        )
+        cache = "-" if row["cache_bytes"] is None else f"{row['cache_bytes'] / 1e6:.1f}"
+        print(
+            f"| {row['case']} | {row['dtype']} | {row['backend']} | {row['model']} | "
+            f"{row['seconds']:.2f} | {row['tokens_per_s']:.1f} | {ratio} | {cache} | "
+            f"{roof * 1e9 / row['weight_bytes']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
