@@ -7,7 +7,11 @@ import keras
 import numpy as np
 
 from keras_gemma2.checkpoints.safetensors_files import read_header, read_tensor
-from keras_gemma2.checkpoints.unallocated import build_unallocated, forget_pending
+from keras_gemma2.checkpoints.unallocated import (
+    build_unallocated,
+    fill,
+    forget_pending,
+)
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -267,31 +271,34 @@ def weight_plan(backbone):
     return plan
 
 
-def _for_assignment(array, dtype):
-    """Cast `array` for `variable.assign` with as few copies as possible.
+def as_assignable(array, dtype):
+    """Convert a checkpoint array for a variable of `dtype`, copying little.
 
     bfloat16 arrays go in as they are (JAX and TensorFlow take
-    `ml_dtypes.bfloat16`); torch takes no bfloat16 numpy arrays, so for it they
-    are widened to float32 and cast by the backend.
+    `ml_dtypes.bfloat16`); torch takes no bfloat16 numpy arrays, so it gets a
+    torch tensor viewing the same bytes.
     """
-    if str(array.dtype) == dtype and not (
-        dtype == "bfloat16" and keras.config.backend() == "torch"
-    ):
-        return np.ascontiguousarray(array)
-    return np.asarray(array, dtype="float32" if dtype == "bfloat16" else dtype)
+    array = np.ascontiguousarray(array)
+    if str(array.dtype) != dtype:
+        if dtype == "bfloat16" and keras.config.backend() == "torch":
+            array = array.astype("float32")
+        else:
+            array = array.astype(dtype)
+    if str(array.dtype) == "bfloat16" and keras.config.backend() == "torch":
+        import torch
+
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return array
 
 
 def build_for_loading(backbone_cls, config):
-    """Build a backbone whose weights are about to be overwritten by a load.
+    """Build a backbone whose weights are about to be filled by a load.
 
-    On JAX, variables created in `StatelessScope(initialize_variables=False)`
-    stay unallocated until their first assignment, so loading never holds the
-    random initial weights and the checkpoint's at once. Other backends assign
-    in place, so they build normally.
+    Its variables stay unallocated until `fill` gives them the checkpoint's
+    values, so loading never holds random initial weights and the
+    checkpoint's at once.
     """
-    if keras.config.backend() == "jax":
-        return build_unallocated(lambda: backbone_cls(**config))
-    return backbone_cls(**config)
+    return build_unallocated(lambda: backbone_cls(**config))
 
 
 def to_hf_layout(hf_name, array, hf_shape):
@@ -356,7 +363,7 @@ def load_hf_weights(backbone, directory, progress=None):
     try:
         for done, (name, variable, _, to_keras) in enumerate(plan, start=1):
             array = to_keras(read_tensor(entries[name]))
-            variable.assign(_for_assignment(array, variable.dtype))
+            fill(variable, as_assignable(array, variable.dtype))
             del array
             if progress is not None:
                 progress(done, len(plan), name)

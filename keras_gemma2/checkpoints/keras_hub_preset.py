@@ -18,8 +18,8 @@ import keras_hub
 import numpy as np
 
 from keras_gemma2.checkpoints import keras_h5_weights
-from keras_gemma2.checkpoints.hf_checkpoint import _for_assignment, build_for_loading
-from keras_gemma2.checkpoints.unallocated import forget_pending
+from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
+from keras_gemma2.checkpoints.unallocated import fill, forget_pending
 
 CONFIG_FILE = "config.json"
 _CLASS_NAMES = ("keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone")
@@ -389,7 +389,7 @@ def load_keras_hub_weights(backbone, directory, progress=None):
     try:
         _load_keras_hub_weights(backbone, directory, progress)
     finally:
-        # A backbone from `build_for_loading` (JAX): loaded or discarded now.
+        # A backbone from `build_for_loading`: loaded or discarded now.
         forget_pending(backbone.weights)
 
 
@@ -433,7 +433,7 @@ def _load_keras_hub_weights(backbone, directory, progress):
             )
     for done, (path, variable, _, to_ours) in enumerate(plan, start=1):
         array = to_ours(tensors[layout[path]].read())
-        variable.assign(_for_assignment(array, variable.dtype))
+        fill(variable, as_assignable(array, variable.dtype))
         del array
         if progress is not None:
             progress(done, len(plan), path)

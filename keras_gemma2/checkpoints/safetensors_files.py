@@ -78,12 +78,14 @@ def read_tensor(entry):
     """Read one tensor into a new numpy array of its stored dtype."""
     dtype = _NUMPY_DTYPES[entry.dtype]
     count = int(np.prod(entry.shape, dtype=np.int64))
+    # Read straight into a writable array: no intermediate bytes object.
+    array = np.empty(entry.shape, dtype=dtype)
     with open(entry.path, "rb") as file:
         file.seek(entry.begin)
-        data = file.read(entry.end - entry.begin)
-    if len(data) != count * dtype.itemsize:
+        read = file.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+    if read != count * dtype.itemsize:
         raise ValueError(
-            f"Tensor `{entry.name}` in {entry.path}: read {len(data)} bytes, "
+            f"Tensor `{entry.name}` in {entry.path}: read {read} bytes, "
             f"expected {count * dtype.itemsize}. The file is truncated."
         )
-    return np.frombuffer(data, dtype=dtype).reshape(entry.shape)
+    return array

@@ -29,6 +29,19 @@ def forget_pending(variables):
     )
 
 
+def fill(variable, value):
+    """Give `variable` its value: the first one if unallocated, else assign.
+
+    An unallocated variable is initialised straight from `value` (one copy
+    into the backend), never holding random weights first.
+    """
+    if variable._value is None:
+        variable._initialize(value)
+        variable._initializer = None
+    else:
+        variable.assign(value)
+
+
 def pending_variables():
     """Variables Keras will initialise at the next closing `StatelessScope`."""
     return list(global_state.get_global_attribute(_PENDING) or [])
