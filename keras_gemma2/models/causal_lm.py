@@ -244,12 +244,18 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
                 if token in special:
                     continue
                 generated.append(token)
-                # Detokenize the whole completion: a piece may end mid-character.
+                # Detokenize the whole completion and hold back a trailing
+                # replacement character: byte pieces may end mid-character.
                 decoded = tokenizer.detokenize(ops.convert_to_tensor([generated]))
-                decoded = _to_text(decoded)
+                decoded = _to_text(decoded).rstrip("\ufffd")
                 if decoded.startswith(text) and len(decoded) > len(text):
                     yield decoded[len(text) :]
                     text = decoded
+            if generated:  # flush what was held back at the very end
+                final = tokenizer.detokenize(ops.convert_to_tensor([generated]))
+                final = _to_text(final)
+                if final.startswith(text) and len(final) > len(text):
+                    yield final[len(text) :]
 
         return pieces()
 

@@ -1,5 +1,6 @@
 """Text in, text out: strings, streaming, and every bad input named."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from tests.generation.test_generate import make_causal_lm
 
 @pytest.fixture(scope="module")
 def text_lm(gemma_vocabulary):
+    keras.utils.set_random_seed(0)
     tokenizer = Gemma2Tokenizer(proto=gemma_vocabulary)
     backbone = Gemma2Backbone(
         vocabulary_size=tokenizer.vocabulary_size(),
