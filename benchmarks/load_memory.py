@@ -118,6 +118,10 @@ def write_tokenizer(directory):
         eos_id=1,
         bos_id=2,
         unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
         minloglevel=2,
     )
