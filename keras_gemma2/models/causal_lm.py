@@ -54,6 +54,16 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
                 "Received an invalid value for `backbone`, expected a "
                 f"`Gemma2Backbone`. Received: backbone={type(backbone).__name__}"
             )
+        tokenizer = getattr(preprocessor, "tokenizer", None)
+        # A preset loader attaches the vocabulary after construction.
+        if getattr(tokenizer, "proto", None) is not None:
+            pieces = tokenizer.vocabulary_size()
+            if pieces != backbone.vocabulary_size:
+                raise ValueError(
+                    f"The tokenizer has {pieces} pieces but the backbone's embedding "
+                    f"has vocabulary_size={backbone.vocabulary_size} rows; they must "
+                    "be equal (a tokenizer from another model?)."
+                )
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor

@@ -109,3 +109,22 @@ def test_seeded_sampling_is_reproducible():
             np.asarray(causal_lm.generate(inputs, stop_token_ids=None)["token_ids"])
         )
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_tokenizer_must_match_the_embedding(gemma_vocabulary):
+    tokenizer = Gemma2Tokenizer(proto=gemma_vocabulary)
+    pieces = tokenizer.vocabulary_size()
+    backbone = Gemma2Backbone(
+        vocabulary_size=pieces + 8,
+        num_layers=1,
+        num_query_heads=1,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=8,
+        head_dim=8,
+    )
+    preprocessor = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=8)
+    with pytest.raises(
+        ValueError, match=f"{pieces} pieces.*vocabulary_size={pieces + 8}"
+    ):
+        Gemma2CausalLM(backbone, preprocessor)
