@@ -36,7 +36,8 @@ SAMPLE_MARGIN = 1.25
 SAMPLE_WINDOWS = 16
 BACKENDS = ("jax", "tensorflow", "torch")
 PROMPT = "def fibonacci(n):"
-MAX_LENGTH = 64
+# Past the preset's 64-token sliding window, so local layers' caches wrap.
+MAX_LENGTH = 96
 
 # Run in a fresh interpreter per backend: prints the greedy result as JSON.
 GREEDY_PROGRAM = """
@@ -112,9 +113,8 @@ def test_listed_with_its_facts(metadata):
     assert metadata["training"]["tokens_seen"] > 0
     assert metadata["command"].startswith("python examples/pretrain_tiny.py")
     perplexity = metadata["held_out_perplexity"]
-    # Below the bigram by at least 10% (the shipped 560-step model: 51.3 vs
-    # 59.5). The issue asks for "clearly below"; a longer run is still owed.
-    assert perplexity["model"] < 0.9 * perplexity["bigram"]
+    # "Clearly below" the bigram: at least 25% lower (shipped: 31.5 vs 59.5).
+    assert perplexity["model"] < 0.75 * perplexity["bigram"]
     directory = Gemma2CausalLM.presets[PRESET]["path"]
     size = sum(
         os.path.getsize(os.path.join(folder, name))
@@ -348,7 +348,5 @@ def test_pretrain_script_runs_end_to_end(tmp_path):
     assert metadata["training"]["steps"] == 5
     assert metadata["training"]["tokens_seen"] == 5 * 4 * 32
     assert "--steps 5" in metadata["command"]
-    # The preset it wrote loads and keeps KerasHub's own metadata keys.
+    # KerasHub's own keys stay (the script scored the reloaded preset).
     assert metadata["parameter_count"] > 0
-    reloaded = Gemma2CausalLM.from_preset(str(output / "preset"))
-    assert reloaded.backbone.num_layers == 4
