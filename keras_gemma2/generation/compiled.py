@@ -1,10 +1,22 @@
-"""Backend dispatch for the generation function: compile once per shape.
+"""Generation as compiled phases, driven from a short host loop.
+
+The phases are those of `decode.py`: `prefill`, then one `decode_segment`
+per bucket edge (a loop whose steps read the first `edge` global slots), or
+`step_with_prefix` one token at a time when streaming. Each phase is
+compiled once per shape for the backend:
 
 - JAX: `jax.jit` over the model's variables as explicit state (the way
-  KerasHub compiles generation), so the loop runs as one XLA program.
-- TensorFlow: `tf.function(jit_compile=True)`.
-- PyTorch: the eager loop under `torch.no_grad()` (measured faster on CPU than
-  `torch.compile`, whose compile time dwarfs short generations).
+  KerasHub compiles generation).
+- TensorFlow: `tf.function(jit_compile=True)`. Each segment is its own XLA
+  program: TensorFlow 2.21 fails to compile one function holding three or
+  more consecutive while loops ("Cannot find body function ... for While
+  node").
+- PyTorch: the prefill runs the Keras layers under `torch.no_grad()`, then
+  `torch_decode.TorchDecoder` decodes with the same math on raw tensors and
+  preallocated caches (measured faster on CPU than the eager layers, and
+  than `torch.compile`, whose compile time dwarfs short generations).
+
+Between segments the host checks whether every row is done and stops early.
 """
 
 import itertools
@@ -12,42 +24,173 @@ import itertools
 import keras
 from keras import ops
 
+from keras_gemma2.generation import torch_decode
+from keras_gemma2.generation.decode import (
+    bucket_edges,
+    decode_segment,
+    finish,
+    prefill,
+    prefill_bucket,
+    step_with_prefix,
+)
 
-def compile_generate(causal_lm, stop_token_ids, prefill_length):
-    """Return `fn(inputs) -> outputs` running `causal_lm.generate_step`."""
-    backend = keras.config.backend()
 
-    def run(inputs):
-        return causal_lm.generate_step(
-            inputs, stop_token_ids=stop_token_ids, prefill_length=prefill_length
+class GenerationProgram:
+    """Compiled phases of generation for one prefill length and stop tokens.
+
+    Args:
+        causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
+        stop_token_ids: tuple of ints or `None`.
+        prefill_length: static int, the prompts' bucketed length.
+    """
+
+    def __init__(self, causal_lm, stop_token_ids, prefill_length):
+        self.causal_lm = causal_lm
+        self.stop_token_ids = stop_token_ids
+        self.prefill_length = prefill_length
+        self._compiled = {}
+
+    def _phase(self, key, function):
+        if key not in self._compiled:
+            self._compiled[key] = compile_function(self.causal_lm, function)
+        return self._compiled[key]
+
+    def _prefill(self, token_ids, padding_mask):
+        run = self._phase(
+            "prefill",
+            lambda args: prefill(self.causal_lm, *args, self.prefill_length),
         )
+        return run((token_ids, padding_mask))
 
+    def __call__(self, inputs):
+        """Complete `inputs` (`{"token_ids", "padding_mask"}`), as one batch."""
+        token_ids = ops.convert_to_tensor(inputs["token_ids"])
+        padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
+        prompt_mask = ops.cast(padding_mask, "bool")
+        max_length = token_ids.shape[1]
+        state = self._prefill(token_ids, padding_mask)
+        if torch_decode.supports(self.causal_lm):
+            prompt = self._torch_decode(state, prompt_mask)
+            return finish(prompt, prompt_mask, self.stop_token_ids)
+        for edge in bucket_edges(self.prefill_length, max_length):
+            if bool(ops.convert_to_numpy(ops.all(state[-1]))):
+                break
+            run = self._phase(
+                ("segment", edge),
+                lambda args, edge=edge: decode_segment(
+                    self.causal_lm, *args, edge, self.stop_token_ids
+                ),
+            )
+            state = run((state, prompt_mask))
+        return finish(state[0], prompt_mask, self.stop_token_ids)
+
+    def stream(self, inputs):
+        """Yield each new token id (int) of a one-row batch as it is sampled."""
+        token_ids = ops.convert_to_tensor(inputs["token_ids"])
+        padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
+        prompt_mask = ops.cast(padding_mask, "bool")
+        max_length = token_ids.shape[1]
+        state = self._prefill(token_ids, padding_mask)
+        if torch_decode.supports(self.causal_lm):
+            for _, _, token in self._torch_tokens(state, prompt_mask):
+                yield int(token[0])
+            return
+        length = int(ops.convert_to_numpy(state[3]))
+        edges = bucket_edges(self.prefill_length, max_length)
+        for index in range(length, max_length):
+            edge = next(edge for edge in edges if edge >= index)
+            run = self._phase(
+                ("step", edge),
+                lambda args, edge=edge: step_with_prefix(
+                    self.causal_lm, *args, edge, self.stop_token_ids
+                ),
+            )
+            state, token = run((state, prompt_mask))
+            token = int(ops.convert_to_numpy(token)[0])
+            yield token
+            if self.stop_token_ids is not None and token in self.stop_token_ids:
+                return
+
+    def _torch_tokens(self, state, prompt_mask):
+        """The torch fast path; yields `(prompt, done, token)` after each step."""
+        prompt, local_cache, full_global, index, done = state
+        prompt = prompt.clone()  # written in place; the caller's ids stay intact
+        batch_size, max_length = prompt.shape
+        index = int(index)
+        decoder = torch_decode.TorchDecoder(self.causal_lm, batch_size, max_length)
+        decoder.start(local_cache, full_global, index - 1)
+        for position in range(index, max_length):
+            prompt, done, token = decoder.step(
+                prompt, prompt_mask, position, done, self.stop_token_ids
+            )
+            yield prompt, done, token
+            if self.stop_token_ids is not None and bool(done.all()):
+                return
+
+    def _torch_decode(self, state, prompt_mask):
+        prompt = state[0]
+        for prompt, _, _ in self._torch_tokens(state, prompt_mask):
+            pass
+        return prompt
+
+
+def make_generate_function(causal_lm):
+    """`fn(inputs, stop_token_ids=None) -> outputs`, one program per shape."""
+    programs = {}
+
+    def generate_function(inputs, stop_token_ids=None):
+        program = program_for(causal_lm, programs, inputs, stop_token_ids)
+        return program(inputs)
+
+    generate_function.programs = programs
+    return generate_function
+
+
+def program_for(causal_lm, programs, inputs, stop_token_ids):
+    """The cached `GenerationProgram` for these inputs' prefill bucket."""
+    if isinstance(stop_token_ids, list):
+        stop_token_ids = tuple(stop_token_ids)
+    mask = ops.convert_to_numpy(inputs["padding_mask"])
+    max_length = mask.shape[1]
+    prefill_length = prefill_bucket(int(mask.sum(axis=1).max()), max_length)
+    key = (prefill_length, stop_token_ids)
+    if key not in programs:
+        programs[key] = GenerationProgram(causal_lm, stop_token_ids, prefill_length)
+    return programs[key]
+
+
+def compile_function(causal_lm, function):
+    """Compile `function(args) -> outputs` (tensors in, tensors out) once per shape.
+
+    `function` may read the model's variables and update its sampler's seed.
+    """
+    backend = keras.config.backend()
     if causal_lm.run_eagerly:
-        return run
+        return function
     if backend == "jax":
-        return _jax_function(causal_lm, run)
+        return _jax_function(causal_lm, function)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(run, jit_compile=True)
+        return tf.function(function, jit_compile=True)
     if backend == "torch":
         import torch
 
-        def no_grad(inputs):
+        def no_grad(args):
             with torch.no_grad():
-                return run(inputs)
+                return function(args)
 
         return no_grad
-    return run
+    return function
 
 
-def _jax_function(causal_lm, run):
+def _jax_function(causal_lm, function):
     import jax
 
     sampler = causal_lm.sampler
 
     @jax.jit
-    def stateless(inputs, state):
+    def stateless(args, state):
         sampler_values, trainable, non_trainable = state
         mapping = itertools.chain(
             zip(sampler.variables, sampler_values, strict=True),
@@ -55,24 +198,24 @@ def _jax_function(causal_lm, run):
             zip(causal_lm.non_trainable_variables, non_trainable, strict=True),
         )
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = run(inputs)
+            outputs = function(args)
         new_sampler_values = [
             scope.get_current_value(v) if scope.get_current_value(v) is not None else v
             for v in sampler.variables
         ]
         return outputs, new_sampler_values
 
-    def function(inputs):
+    def run(args):
         state = (
             [v.value for v in sampler.variables],
             [v.value for v in causal_lm.trainable_variables],
             [v.value for v in causal_lm.non_trainable_variables],
         )
-        inputs = {key: ops.convert_to_tensor(value) for key, value in inputs.items()}
-        outputs, sampler_values = stateless(inputs, state)
+        args = jax.tree_util.tree_map(ops.convert_to_tensor, args)
+        outputs, sampler_values = stateless(args, state)
         # Only the sampler's seed state changes during generation.
         for variable, value in zip(sampler.variables, sampler_values, strict=True):
             variable.assign(value)
         return outputs
 
-    return function
+    return run

@@ -41,15 +41,26 @@ def _any_equal(tokens, stop_token_ids):
     return result
 
 
-def prefill(causal_lm, token_ids, prefill_length, index):
-    """Fill the caches from the prompt in one pass.
+def prefill(causal_lm, token_ids, padding_mask, prefill_length):
+    """Fill the caches from the prompts in one pass; the first decode state.
 
-    Returns `(local_rings, global_cache)`: rings of `min(window, max_length)`
-    slots holding the window that ends at `index - 1`, and a linear global
-    cache of `max_length` slots.
+    Args:
+        token_ids: int `[batch, max_length]`, right-padded prompts.
+        padding_mask: `[batch, max_length]`, true on prompt tokens.
+        prefill_length: static int >= the longest prompt.
+
+    Returns:
+        The state `(prompt, local_rings, global_cache, index, done)`:
+        `prompt` is `token_ids`; `local_rings` hold `min(window, max_length)`
+        slots, the window that ends at `index - 1`; `global_cache` is linear
+        with `max_length` slots; `index` (int32 scalar) is the first position
+        to generate, the shortest prompt's length; `done` is `[batch]` false.
     """
     backbone = causal_lm.backbone
     batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
+    prompt_mask = ops.cast(padding_mask, "bool")
+    # First position to generate: every row has a real token before it.
+    index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
     local_cache, global_cache = empty_cache(
         backbone, batch_size, prefill_length, prefill_length
     )
@@ -65,7 +76,8 @@ def prefill(causal_lm, token_ids, prefill_length, index):
     )
     _, full_global = empty_cache(backbone, batch_size, 1, max_length)
     full_global = ops.slice_update(full_global, [0] * 6, global_cache)
-    return local_cache, full_global
+    done = ops.zeros((batch_size,), "bool")
+    return token_ids, local_cache, full_global, index, done
 
 
 def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids):
@@ -92,21 +104,36 @@ def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_
     return prompt, caches, index + 1, done, next_token
 
 
-def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):
-    """Complete right-padded prompts; returns `{"token_ids", "padding_mask"}`.
+def step_with_prefix(causal_lm, state, prompt_mask, edge, stop_token_ids):
+    """One `decode_step` reading the first `edge` global slots.
 
-    Args:
-        causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
-        token_ids: int `[batch, max_length]`, prompts followed by padding.
-        padding_mask: `[batch, max_length]`, true on prompt tokens.
-        stop_token_ids: tuple of ints or `None`.
-        prefill_length: static int >= the longest prompt.
+    Returns `(state, next_token)`; the state is as `prefill` returns it.
     """
-    batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
-    prompt_mask = ops.cast(padding_mask, "bool")
-    # First position to generate: every row has a real token before it.
-    index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
-    local_cache, full_global = prefill(causal_lm, token_ids, prefill_length, index)
+    prompt, local_cache, full_global, index, done = state
+    prompt, (local_cache, prefix), index, done, token = decode_step(
+        causal_lm,
+        prompt,
+        prompt_mask,
+        (local_cache, full_global[:, :, :, :edge]),
+        index,
+        done,
+        stop_token_ids,
+    )
+    full_global = ops.slice_update(full_global, [0] * 6, prefix)
+    return (prompt, local_cache, full_global, index, done), token
+
+
+def decode_segment(causal_lm, state, prompt_mask, edge, stop_token_ids):
+    """Decode while `index <= edge` (and not every row is done), as one loop.
+
+    Every step of the segment attends to the first `edge` global slots, so
+    the loop body has static shapes. Returns the new state.
+    """
+    prompt, local_cache, full_global, index, done = state
+    limit = min(edge, prompt.shape[1] - 1)
+
+    def cond(prompt, local_cache, global_prefix, index, done):
+        return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
 
     def body(prompt, local_cache, global_prefix, index, done):
         prompt, caches, index, done, _ = decode_step(
@@ -120,59 +147,44 @@ def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_
         )
         return (prompt, *caches, index, done)
 
-    done = ops.zeros((batch_size,), "bool")
-    prompt = token_ids
-    for edge in bucket_edges(prefill_length, max_length):
-        limit = min(edge, max_length - 1)
-
-        def cond(prompt, local_cache, global_prefix, index, done, limit=limit):
-            return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
-
-        prefix = full_global[:, :, :, :edge]
-        prompt, local_cache, prefix, index, done = causal_lm.sampler.run_loop(
-            cond,
-            body,
-            loop_vars=(prompt, local_cache, prefix, index, done),
-            model=causal_lm,
-        )
-        full_global = ops.slice_update(full_global, [0] * 6, prefix)
-
-    return {
-        "token_ids": prompt,
-        "padding_mask": _output_mask(prompt, prompt_mask, stop_token_ids),
-    }
+    prefix = full_global[:, :, :, :edge]
+    prompt, local_cache, prefix, index, done = causal_lm.sampler.run_loop(
+        cond,
+        body,
+        loop_vars=(prompt, local_cache, prefix, index, done),
+        model=causal_lm,
+    )
+    full_global = ops.slice_update(full_global, [0] * 6, prefix)
+    return prompt, local_cache, full_global, index, done
 
 
-def stream_tokens(causal_lm, token_ids, padding_mask, stop_token_ids):
-    """Yield each new token id of a one-row batch as soon as it is sampled.
+def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):
+    """Complete right-padded prompts in one program; `{"token_ids", "padding_mask"}`.
 
-    The same `prefill` and `decode_step` as `generate_tokens`, driven from
-    Python so tokens can leave the loop; the global cache is read through the
-    same doubling prefixes.
+    The portable whole: `prefill`, then one `decode_segment` per bucket edge.
+    `keras_gemma2.generation.compiled` runs the same phases as separately
+    compiled programs from a host loop.
+
+    Args:
+        causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
+        token_ids: int `[batch, max_length]`, prompts followed by padding.
+        padding_mask: `[batch, max_length]`, true on prompt tokens.
+        stop_token_ids: tuple of ints or `None`.
+        prefill_length: static int >= the longest prompt.
     """
-    max_length = token_ids.shape[1]
     prompt_mask = ops.cast(padding_mask, "bool")
-    length = int(ops.convert_to_numpy(ops.sum(ops.cast(prompt_mask, "int32"))))
-    prefill_length = prefill_bucket(length, max_length)
-    local_cache, full_global = prefill(causal_lm, token_ids, prefill_length, length)
-    edges = bucket_edges(prefill_length, max_length)
-    prompt, done = token_ids, ops.zeros((1,), "bool")
-    for index in range(length, max_length):
-        edge = next(edge for edge in edges if edge >= index)
-        prompt, (local_cache, prefix), _, done, token = decode_step(
-            causal_lm,
-            prompt,
-            prompt_mask,
-            (local_cache, full_global[:, :, :, :edge]),
-            index,
-            done,
-            stop_token_ids,
-        )
-        full_global = ops.slice_update(full_global, [0] * 6, prefix)
-        token = int(ops.convert_to_numpy(token)[0])
-        yield token
-        if stop_token_ids is not None and token in stop_token_ids:
-            return
+    state = prefill(causal_lm, token_ids, padding_mask, prefill_length)
+    for edge in bucket_edges(prefill_length, token_ids.shape[1]):
+        state = decode_segment(causal_lm, state, prompt_mask, edge, stop_token_ids)
+    return finish(state[0], prompt_mask, stop_token_ids)
+
+
+def finish(token_ids, prompt_mask, stop_token_ids):
+    """The outputs dict: tokens and a mask ending at each row's stop token."""
+    return {
+        "token_ids": token_ids,
+        "padding_mask": _output_mask(token_ids, prompt_mask, stop_token_ids),
+    }
 
 
 def _output_mask(token_ids, prompt_mask, stop_token_ids):

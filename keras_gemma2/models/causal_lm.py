@@ -4,12 +4,8 @@ import keras
 import keras_hub
 from keras import ops
 
-from keras_gemma2.generation.compiled import compile_generate
-from keras_gemma2.generation.decode import (
-    generate_tokens,
-    prefill_bucket,
-    stream_tokens,
-)
+from keras_gemma2.generation.compiled import make_generate_function, program_for
+from keras_gemma2.generation.decode import generate_tokens
 from keras_gemma2.generation.inputs import check_generate_inputs, make_sampler
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
@@ -104,7 +100,11 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         return self.logit_soft_cap(logits), hidden_states, cache
 
     def generate_step(self, inputs, stop_token_ids=None, prefill_length=None):
-        """Complete one batch of right-padded prompts (compiled by `generate`).
+        """Complete one batch of right-padded prompts as one portable program.
+
+        `generate` runs the same phases compiled separately
+        (`keras_gemma2.generation.compiled`); this whole is the reference
+        they are tested against.
 
         Args:
             inputs: dict of `"token_ids"` and `"padding_mask"`, `[batch,
@@ -124,25 +124,12 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         """Return the generation function, compiled once per shape and backend.
 
         The prompt's prefill length is bucketed to a power of two on the host,
-        so one compiled function serves every prompt up to its bucket.
+        so one set of compiled phases serves every prompt up to its bucket;
+        see `keras_gemma2.generation.compiled`.
         """
-        if self.generate_function is not None:
-            return self.generate_function
-        compiled = {}
-
-        def generate_function(inputs, stop_token_ids=None):
-            if isinstance(stop_token_ids, list):
-                stop_token_ids = tuple(stop_token_ids)
-            mask = ops.convert_to_numpy(inputs["padding_mask"])
-            max_length = mask.shape[1]
-            prefill_length = prefill_bucket(int(mask.sum(axis=1).max()), max_length)
-            key = (prefill_length, stop_token_ids)
-            if key not in compiled:
-                compiled[key] = compile_generate(self, stop_token_ids, prefill_length)
-            return compiled[key](inputs)
-
-        self.generate_function = generate_function
-        return generate_function
+        if self.generate_function is None:
+            self.generate_function = make_generate_function(self)
+        return self.generate_function
 
     def compile(
         self,
@@ -248,9 +235,11 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
 
         def pieces():
             generated, text = [], ""
-            for token in stream_tokens(
-                self, inputs["token_ids"], inputs["padding_mask"], stop_token_ids
-            ):
+            generate_function = self.make_generate_function()
+            program = program_for(
+                self, generate_function.programs, inputs, stop_token_ids
+            )
+            for token in program.stream(inputs):
                 if token in special:
                     continue
                 generated.append(token)

@@ -130,24 +130,54 @@ def test_stop_token_masks_what_follows(causal_lm):
 
 @pytest.mark.skipif(
     keras.config.backend() == "torch",
-    reason="torch generation is an eager loop by design: nothing is compiled",
+    reason="torch traces nothing: the prefill runs the layers eagerly and "
+    "TorchDecoder decodes on raw tensors (tests/generation/test_torch_decode.py)",
 )
 def test_compiled_once_per_shape(monkeypatch):
+    """A second call with the same shapes traces no phase again."""
+    from keras_gemma2.generation import compiled
+
     causal_lm = make_causal_lm()
     traces = []
-    original = Gemma2CausalLM.generate_step
+    for name in ("prefill", "decode_segment"):
+        original = getattr(compiled, name)
 
-    def counting(self, *args, **kwargs):
-        traces.append(1)
-        return original(self, *args, **kwargs)
+        def counting(*args, original=original, name=name, **kwargs):
+            traces.append(name)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(Gemma2CausalLM, "generate_step", counting)
+        monkeypatch.setattr(compiled, name, counting)
     token_ids, padding_mask = ragged_prompts()
     inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
     first = causal_lm.generate(inputs, stop_token_ids=None)
+    traced = list(traces)
+    # One prefill and one loop per bucket edge (16, then 24).
+    assert traced == ["prefill", "decode_segment", "decode_segment"]
     second = causal_lm.generate(inputs, stop_token_ids=None)
-    assert len(traces) == 1
+    assert traces == traced
     np.testing.assert_array_equal(
         ops.convert_to_numpy(first["token_ids"]),
         ops.convert_to_numpy(second["token_ids"]),
+    )
+
+
+def test_phases_equal_the_portable_program(causal_lm):
+    """The host-driven, separately compiled phases give `generate_step`'s tokens.
+
+    Three bucket edges (16, 32, 40): TensorFlow once failed to compile three
+    loops in one program, which is why the phases are separate.
+    """
+    token_ids = np.zeros((2, 40), "int32")
+    padding_mask = np.zeros((2, 40), "int32")
+    token_ids[0, :3], token_ids[1, :7] = [2, 5, 7], [2, 9, 4, 4, 8, 1, 3]
+    padding_mask[0, :3], padding_mask[1, :7] = 1, 1
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    phases = causal_lm.generate(inputs, stop_token_ids=None)
+    portable = causal_lm.generate_step(
+        {key: ops.convert_to_tensor(value) for key, value in inputs.items()},
+        prefill_length=16,
+    )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(phases["token_ids"]),
+        ops.convert_to_numpy(portable["token_ids"]),
     )

@@ -1,0 +1,98 @@
+"""The PyTorch fast decode path against the portable layers."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_gemma2.generation import torch_decode
+from keras_gemma2.generation.decode import prefill
+from tests.generation.test_generate import make_causal_lm
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="TorchDecoder is the torch backend's decode path; it runs only there",
+)
+
+LENGTH = 20  # the tiny window is 5: decoding runs far past it
+
+
+def fast_and_portable_logits(causal_lm, token_ids, prompt_length):
+    """Logits of every decode position from TorchDecoder and from the layers."""
+    import torch
+
+    full = ops.convert_to_numpy(
+        causal_lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
+    )
+    padding_mask = np.zeros_like(token_ids)
+    padding_mask[:, :prompt_length] = 1
+    with torch.no_grad():
+        state = prefill(
+            causal_lm,
+            ops.convert_to_tensor(token_ids),
+            ops.convert_to_tensor(padding_mask),
+            prompt_length,
+        )
+        decoder = torch_decode.TorchDecoder(causal_lm, *token_ids.shape)
+        decoder.start(state[1], state[2], prompt_length - 1)
+        fast = [
+            ops.convert_to_numpy(
+                decoder.logits(ops.convert_to_tensor(token_ids[:, p]), p)
+            )
+            for p in range(prompt_length - 1, token_ids.shape[1])
+        ]
+    return np.stack(fast, axis=1), full[:, prompt_length - 1 :]
+
+
+def test_logits_equal_the_layers_at_every_position_past_the_window():
+    causal_lm = make_causal_lm()
+    token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH)).astype("int32")
+    fast, full = fast_and_portable_logits(causal_lm, token_ids, prompt_length=4)
+    np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+def test_lora_kernels_are_merged():
+    causal_lm = make_causal_lm()
+    causal_lm.backbone.enable_lora(2)
+    rng = np.random.RandomState(4)
+    for variable in causal_lm.backbone.trainable_variables:
+        if "lora" in variable.path:
+            variable.assign(rng.normal(0.0, 0.3, tuple(variable.shape)))
+    token_ids = rng.randint(0, 96, (1, 12)).astype("int32")
+    fast, full = fast_and_portable_logits(causal_lm, token_ids, prompt_length=3)
+    np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+def test_generate_uses_it_and_leaves_the_inputs_alone(monkeypatch):
+    causal_lm = make_causal_lm()
+    steps = []
+    original = torch_decode.TorchDecoder.step
+
+    def counting(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch_decode.TorchDecoder, "step", counting)
+    token_ids = np.zeros((1, 10), "int32")
+    token_ids[0, :2] = [2, 7]
+    padding_mask = (token_ids != 0).astype("int32")
+    before = token_ids.copy()
+    causal_lm.generate(
+        {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
+    )
+    assert len(steps) == 8
+    np.testing.assert_array_equal(token_ids, before)
+
+
+def test_quantized_models_take_the_portable_path():
+    causal_lm = make_causal_lm()
+    assert torch_decode.supports(causal_lm)
+    causal_lm.backbone.quantize("int8")
+    assert not torch_decode.supports(causal_lm)
+    token_ids = np.zeros((1, 8), "int32")
+    token_ids[0, :2] = [2, 7]
+    outputs = causal_lm.generate(
+        {"token_ids": token_ids, "padding_mask": (token_ids != 0).astype("int32")},
+        stop_token_ids=None,
+    )
+    assert ops.convert_to_numpy(outputs["token_ids"]).shape == (1, 8)
