@@ -129,8 +129,8 @@ class GenerationProgram:
 
     def _torch_decode(self, state, prompt_mask):
         prompt = state[0]
-        for prompt, _, _ in self._torch_tokens(state, prompt_mask):
-            pass
+        for step in self._torch_tokens(state, prompt_mask):
+            prompt = step[0]
         return prompt
 
 
