@@ -167,13 +167,19 @@ class TorchDecoder:
             global_cache[:, :, :, :length].permute(1, 2, 0, 4, 3, 5)
         )
 
-    def _rope(self, x, position):
-        """Rotate `x [B, heads, H]` to `position` (int)."""
+    def _rotation(self, position):
+        """RoPE `(cos, sin)` `[H]` for `position` (int), angles in float32."""
         import torch
 
         angles = position * self.inverse_frequencies  # [H/2], float32
         angles = torch.cat([angles, angles])
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def _rope(self, x, rotation):
+        """Rotate `x [B, heads, H]` by `rotation = (cos, sin)`."""
+        import torch
+
+        cos, sin = rotation
         half = self.head_dim // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -202,13 +208,13 @@ class TorchDecoder:
         # Position held by each ring slot after this write; negative = empty.
         ring_positions = position - torch.remainder(position - slots, self.ring)
         ring_valid = ring_positions >= 0
+        rotation = self._rotation(position)
         local_index = global_index = 0
         for layer, local in zip(self.layers, self.local, strict=True):
             h = _rms_norm(x, layer.norms[0])
-            query = self._rope(
-                (h @ layer.query).view(batch, -1, self.head_dim), position
-            )
-            key = self._rope((h @ layer.key).view(batch, -1, self.head_dim), position)
+            query = (h @ layer.query).view(batch, -1, self.head_dim)  # [B, N, H]
+            query = self._rope(query, rotation)
+            key = self._rope((h @ layer.key).view(batch, -1, self.head_dim), rotation)
             value = (h @ layer.value).view(batch, -1, self.head_dim)
             query = query * layer.scale
             if local:
