@@ -4,6 +4,7 @@ from keras_gemma2.layers.attention_masks import (
     attention_mask,
     causal_mask,
     sliding_window_mask,
+    visible_key_counts,
 )
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
 from keras_gemma2.layers.feed_forward import Gemma2FeedForward
@@ -24,4 +25,5 @@ __all__ = [
     "rotary_embedding",
     "sliding_window_mask",
     "soft_cap",
+    "visible_key_counts",
 ]

@@ -43,3 +43,25 @@ def attention_mask(query_positions, key_positions, window_size=None, padding_mas
         keys_valid = ops.cast(padding_mask, "bool")[:, None, :]  # [B, 1, Tk]
         mask = ops.logical_and(mask, keys_valid)
     return mask
+
+
+def visible_key_counts(padding_mask, window_size=None):
+    """Int `[B, T]`: how many keys each query of a self-attention sees.
+
+    Query `i` sees the keys `j` with `i - window_size < j <= i` that are real
+    tokens (`padding_mask[j]` nonzero). A count of 0 marks a row with no
+    visible key, which the masked softmax turns into a uniform average. Runs
+    in `O(T)` (a running sum), never building the `[T, T]` mask.
+
+    Args:
+        padding_mask: tensor `[B, T]`, nonzero/True for real tokens.
+        window_size: int or `None` (causal attention over all earlier keys).
+    """
+    real = ops.cast(ops.cast(padding_mask, "bool"), "int32")
+    seen = ops.cumsum(real, axis=1)  # [B, T]: real keys at positions <= i
+    if window_size is None:
+        return seen
+    length = ops.shape(seen)[1]
+    # Real keys at positions <= i - window_size: the running sum shifted right.
+    before_window = ops.pad(seen, [[0, 0], [window_size, 0]])[:, :length]
+    return seen - before_window

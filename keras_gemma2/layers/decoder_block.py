@@ -29,6 +29,8 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         rope_max_wavelength: float. RoPE theta. Defaults to `10000.0`.
         dropout: float. Attention-probability dropout. Defaults to `0.0`.
         kernel_initializer: initializer of all projections.
+        attention_implementation: string. How attention is computed; see
+            `SlidingWindowAttention`. Defaults to `"auto"`.
 
     Call arguments:
         hidden_states: `[batch, T, hidden_dim]`.
@@ -59,6 +61,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         rope_max_wavelength=10000.0,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        attention_implementation="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -82,6 +85,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             rope_max_wavelength=rope_max_wavelength,
             dropout=dropout,
             kernel_initializer=self.kernel_initializer,
+            attention_implementation=attention_implementation,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -148,4 +152,5 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             "rope_max_wavelength": attention.rope_max_wavelength,
             "dropout": attention.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "attention_implementation": attention.attention_implementation,
         }

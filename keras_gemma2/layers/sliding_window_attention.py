@@ -1,16 +1,17 @@
 """Gemma 2 attention: grouped-query, soft-capped, local (sliding) or global."""
 
+import functools
+
 import keras
 from keras import ops
 
-from keras_gemma2.layers.attention_masks import attention_mask
+from keras_gemma2.layers.attention_kernels import (
+    attention,
+    validate_attention_implementation,
+)
 from keras_gemma2.layers.rotary_embedding import rotary_embedding
-from keras_gemma2.layers.soft_capping import soft_cap, validate_soft_cap
+from keras_gemma2.layers.soft_capping import validate_soft_cap
 from keras_gemma2.layers.validation import positive_int, positive_number, unit_rate
-
-# Logits of masked positions. Finite so that a row with no visible key (a
-# padded query) gives a uniform softmax instead of NaN.
-_MASKED_LOGIT = -1e9
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -40,6 +41,16 @@ class SlidingWindowAttention(keras.layers.Layer):
             training. Defaults to `0.0`.
         kernel_initializer: initializer for the projections. Defaults to
             `"glorot_uniform"`.
+        attention_implementation: string. How the attention core is computed:
+            `"reference"` (masked full `[T, S]` logits), `"blocked"` (query
+            blocks that read only the keys their window reaches: `O(T *
+            window)` for local layers), `"flex"` (PyTorch `flex_attention`),
+            `"fused"` (`keras.ops.dot_product_attention`; with a soft cap only
+            JAX on TPU) or `"auto"`, the fastest exact one for the backend.
+            All give the reference's result. A fast path that does not apply
+            (global layer for `"blocked"`, a cached decode step, an
+            unsupported backend) uses the portable one. See
+            `keras_gemma2.layers.attention_kernels`. Defaults to `"auto"`.
 
     Call arguments:
         hidden_states: float tensor `[batch, T, hidden_dim]`.
@@ -83,9 +94,13 @@ class SlidingWindowAttention(keras.layers.Layer):
         rope_max_wavelength=10000.0,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        attention_implementation="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.attention_implementation = validate_attention_implementation(
+            attention_implementation
+        )
         self.num_query_heads = positive_int(num_query_heads, "num_query_heads")
         self.num_key_value_heads = positive_int(
             num_key_value_heads, "num_key_value_heads"
@@ -163,7 +178,6 @@ class SlidingWindowAttention(keras.layers.Layer):
         cache_update_index=0,
         training=None,
     ):
-        batch_size = ops.shape(hidden_states)[0]
         length = ops.shape(hidden_states)[1]
         query_positions = ops.arange(length, dtype="int32") + ops.cast(
             cache_update_index, "int32"
@@ -176,6 +190,7 @@ class SlidingWindowAttention(keras.layers.Layer):
         key = rotary_embedding(key, query_positions, self.rope_max_wavelength)
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
 
+        self_attention = cache is None
         if cache is not None:
             # The cache is a ring of S slots: position p lives in slot p % S.
             # With S >= every position this is a plain linear cache; with
@@ -187,29 +202,32 @@ class SlidingWindowAttention(keras.layers.Layer):
             key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
             value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
             cache = ops.stack([key, value], axis=1)  # [B, 2, S, K, H]
-            last_position = start_position + length - 1
-            slots = ops.arange(cache_length, dtype="int32")
-            # Position held by each slot: the latest one <= last_position that
-            # maps there; negative means the slot was never written.
-            key_positions = last_position - ops.mod(last_position - slots, cache_length)
-        else:
-            key_positions = query_positions
+            # A prefill (T tokens written from 0 into T slots) leaves exactly
+            # the new tokens in the cache: plain self-attention, fast paths on.
+            self_attention = _is_fresh_prefill(cache_update_index, cache, length)
+            if not self_attention:
+                last_position = start_position + length - 1
+                slots = ops.arange(cache_length, dtype="int32")
+                # Position held by each slot: the latest one <= last_position
+                # that maps there; negative means the slot was never written.
+                key_positions = last_position - ops.mod(
+                    last_position - slots, cache_length
+                )
 
-        mask = attention_mask(
-            query_positions, key_positions, self.sliding_window_size, padding_mask
-        )  # [B or 1, T, S]
-        query = ops.reshape(
+        dropout = None
+        if training and self.dropout > 0:
+            dropout = functools.partial(self.dropout_layer, training=training)
+        attended = attention(
             query,
-            (batch_size, length, self.num_key_value_heads, self.groups, self.head_dim),
-        )  # [B, T, K, G, H]
-        logits = ops.einsum("btkgh,bskh->bkgts", query, key)  # [B, K, G, T, S]
-        logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
-        logits = ops.where(mask[:, None, None], logits, _MASKED_LOGIT)
-        probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
-        probabilities = self.dropout_layer(probabilities, training=training)
-        attended = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
-        attended = ops.reshape(
-            attended, (batch_size, length, self.num_query_heads, self.head_dim)
+            key,
+            value,
+            padding_mask=padding_mask,
+            sliding_window_size=self.sliding_window_size,
+            soft_cap=self.attention_logit_soft_cap,
+            query_positions=None if self_attention else query_positions,
+            key_positions=None if self_attention else key_positions,
+            implementation=self.attention_implementation,
+            dropout=dropout,
         )  # [B, T, N, H]
         outputs = self.output_dense(attended)  # [B, T, D]
         if cache is not None:
@@ -231,4 +249,22 @@ class SlidingWindowAttention(keras.layers.Layer):
             "rope_max_wavelength": self.rope_max_wavelength,
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "attention_implementation": self.attention_implementation,
         }
+
+
+def _is_fresh_prefill(cache_update_index, cache, length):
+    """Whether `length` tokens written at slot 0 fill the whole cache.
+
+    Decided on static values only: the Python int 0 as the index and equal
+    static lengths. Anything traced keeps the general cached path.
+    """
+    cache_length = cache.shape[2]
+    return (
+        isinstance(cache_update_index, int)
+        and not isinstance(cache_update_index, bool)
+        and cache_update_index == 0
+        and isinstance(length, int)
+        and isinstance(cache_length, int)
+        and cache_length == length
+    )

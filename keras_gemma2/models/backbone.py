@@ -5,6 +5,7 @@ import math
 import keras
 import keras_hub
 
+from keras_gemma2.layers.attention_kernels import validate_attention_implementation
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
 from keras_gemma2.layers.soft_capping import validate_soft_cap
@@ -53,6 +54,11 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         rope_max_wavelength: float. RoPE theta. Defaults to `10000.0`.
         dropout: float. Attention-probability dropout in training.
             Defaults to `0.0`.
+        attention_implementation: string. How every block computes attention:
+            `"auto"` (the fastest exact path for the backend), `"reference"`,
+            `"blocked"` (`O(T * window)` local layers), `"flex"` (PyTorch) or
+            `"fused"` (`keras.ops.dot_product_attention`); all give the same
+            result. See `SlidingWindowAttention`. Defaults to `"auto"`.
         dtype: string or `keras.DTypePolicy`. `"float32"` or `"bfloat16"`
             (float16 overflows on Gemma 2). Defaults to the Keras default.
 
@@ -86,6 +92,7 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         layer_norm_epsilon=1e-6,
         rope_max_wavelength=10000.0,
         dropout=0.0,
+        attention_implementation="auto",
         dtype=None,
         **kwargs,
     ):
@@ -106,6 +113,9 @@ class Gemma2Backbone(keras_hub.models.Backbone):
             layer_norm_epsilon, "layer_norm_epsilon"
         )
         dropout = unit_rate(dropout, "dropout")
+        attention_implementation = validate_attention_implementation(
+            attention_implementation
+        )
         _check_dtype(dtype)
 
         # === Layers ===
@@ -131,6 +141,7 @@ class Gemma2Backbone(keras_hub.models.Backbone):
                 layer_norm_epsilon=layer_norm_epsilon,
                 rope_max_wavelength=rope_max_wavelength,
                 dropout=dropout,
+                attention_implementation=attention_implementation,
                 dtype=dtype,
                 name=f"decoder_block_{i}",
             )
@@ -166,6 +177,7 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
         self.dropout = dropout
+        self.attention_implementation = attention_implementation
 
     @classproperty
     def presets(cls):
@@ -242,6 +254,7 @@ class Gemma2Backbone(keras_hub.models.Backbone):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "rope_max_wavelength": self.rope_max_wavelength,
             "dropout": self.dropout,
+            "attention_implementation": self.attention_implementation,
         }
 
     @classmethod

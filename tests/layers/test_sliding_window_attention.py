@@ -131,6 +131,7 @@ def test_cache_prefill_then_single_steps_equal_full_pass(window):
         ({"sliding_window_size": 0}, "sliding_window_size"),
         ({"query_pre_attn_scalar": -2}, "query_pre_attn_scalar"),
         ({"dropout": 1.5}, "dropout"),
+        ({"attention_implementation": "fast"}, "attention_implementation"),
     ],
 )
 def test_invalid_arguments_name_themselves(kwargs, name):
@@ -151,3 +152,56 @@ def test_ring_cache_of_window_size_equals_full_pass():
         )
         steps.append(ops.convert_to_numpy(step))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def _same_weights(source, **overrides):
+    layer = make_layer(**overrides)
+    layer.build((None, None, 16))
+    layer.set_weights(source.get_weights())
+    return layer
+
+
+@pytest.mark.parametrize("implementation", ["blocked", "auto"])
+def test_implementations_agree(implementation):
+    # Long enough (30 > 3 windows) for "auto" to pick the blocked kernel.
+    x = inputs(batch=2, length=30, seed=4) * 3
+    padding = np.ones((2, 30), "int32")
+    padding[0, :7] = 0  # left padding: rows 0..6 see no key
+    padding[1, 12:16] = 0
+    reference = make_layer(attention_implementation="reference")
+    expected = ops.convert_to_numpy(reference(x, padding_mask=padding))
+    layer = _same_weights(reference, attention_implementation=implementation)
+    actual = ops.convert_to_numpy(layer(x, padding_mask=padding))
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    visible = padding.astype(bool)
+    np.testing.assert_allclose(
+        actual[visible], numpy_attention(layer, x, padding)[visible], atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_prefill_into_a_cache_of_its_own_length_equals_full_pass(window):
+    # The generation prefill: T tokens written at 0 into T slots. The keys are
+    # then exactly the new tokens, so the blocked kernel serves it.
+    x = inputs(batch=2, length=20, seed=5)
+    reference = make_layer(sliding_window_size=window)
+    full = ops.convert_to_numpy(reference(x))
+    layer = _same_weights(
+        reference, sliding_window_size=window, attention_implementation="blocked"
+    )
+    prefill, cache = layer(x, cache=ops.zeros((2, 2, 20, 2, 8)), cache_update_index=0)
+    np.testing.assert_allclose(ops.convert_to_numpy(prefill), full, atol=1e-5)
+    _, expected_cache = reference(
+        x, cache=ops.zeros((2, 2, 20, 2, 8)), cache_update_index=0
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(cache), ops.convert_to_numpy(expected_cache), atol=1e-6
+    )
+
+
+def test_config_round_trip_keeps_attention_implementation():
+    layer = make_layer(attention_implementation="blocked")
+    config = layer.get_config()
+    assert config["attention_implementation"] == "blocked"
+    clone = SlidingWindowAttention.from_config(config)
+    assert clone.attention_implementation == "blocked"

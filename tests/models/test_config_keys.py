@@ -122,3 +122,48 @@ def test_structural_keys_shape_the_weights():
         {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}, verbose=0
     )
     assert logits.shape == (1, 4, 50)
+
+
+def test_attention_implementation_reaches_every_block():
+    backbone = Gemma2Backbone(
+        **{**TINY_BACKBONE_CONFIG, "attention_implementation": "reference"}
+    )
+    assert backbone.get_config()["attention_implementation"] == "reference"
+    assert [
+        block.attention.attention_implementation
+        for block in backbone.transformer_layers
+    ] == ["reference"] * 4
+    with pytest.raises(ValueError, match="attention_implementation"):
+        Gemma2Backbone(**{**TINY_BACKBONE_CONFIG, "attention_implementation": "x"})
+
+
+@pytest.mark.parametrize("implementation", ["auto", "blocked"])
+def test_attention_implementation_keeps_the_logits(implementation):
+    # 40 tokens: several windows of 5, so "auto" runs the blocked kernel on
+    # the local layers; padding holes make some rows see no key at all.
+    causal_lm = Gemma2CausalLM(
+        Gemma2Backbone(
+            **{**TINY_BACKBONE_CONFIG, "attention_implementation": "reference"}
+        )
+    )
+    randomize_weights(causal_lm, 3)
+    other = Gemma2CausalLM(
+        Gemma2Backbone(
+            **{**TINY_BACKBONE_CONFIG, "attention_implementation": implementation}
+        )
+    )
+    other.set_weights(causal_lm.get_weights())
+    token_ids = random_token_ids(2, 40, TINY_BACKBONE_CONFIG["vocabulary_size"])
+    padding_mask = np.ones_like(token_ids)
+    padding_mask[0, :9] = 0
+    padding_mask[1, 20:27] = 0
+    # A second length makes TensorFlow's predict retrace with an unknown
+    # length, where the kernel is chosen at run time.
+    for length in (40, 36):
+        inputs = {
+            "token_ids": token_ids[:, :length],
+            "padding_mask": padding_mask[:, :length],
+        }
+        expected = causal_lm.predict(inputs, verbose=0)
+        actual = other.predict(inputs, verbose=0)
+        np.testing.assert_allclose(actual, expected, atol=1e-4)
