@@ -38,10 +38,13 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blocked", "flex", "fused")
 # padded query) gives a uniform softmax instead of NaN.
 MASKED_LOGIT = -1e9
 
-# "auto" uses compiled flex attention on torch from this many tokens: each
-# new length compiles for seconds to tens of seconds, which only long
-# prompts pay back (see benchmarks/prefill.py).
-FLEX_MIN_LENGTH = 2048
+# "auto" uses compiled flex attention on torch from this many tokens. Each
+# new length compiles for 10-20 s (2-core CPU, cold cache), and one forward
+# of the benchmarks' 8-layer model saves ~0.4 s per local and ~2 s per global
+# layer at 4096 tokens (flex 0.2 s / 0.55 s vs blocked 0.67 s and reference
+# 2.5 s): paid back within a few calls there, not at 2048 (see
+# benchmarks/prefill.py).
+FLEX_MIN_LENGTH = 4096
 
 
 def validate_attention_implementation(value, name="attention_implementation"):

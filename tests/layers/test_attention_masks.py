@@ -3,7 +3,12 @@
 import numpy as np
 from keras import ops
 
-from keras_gemma2.layers import attention_mask, causal_mask, sliding_window_mask
+from keras_gemma2.layers import (
+    attention_mask,
+    causal_mask,
+    sliding_window_mask,
+    visible_key_counts,
+)
 
 
 def as_int(mask):
@@ -63,3 +68,15 @@ def test_padding_masks_keys_per_batch_row():
         [[1, 0, 0], [1, 1, 0], [0, 1, 1]],
     ]
     np.testing.assert_array_equal(as_int(mask), expected)
+
+
+def test_visible_key_counts_sum_the_mask_rows():
+    padding = np.array([[0, 1, 1, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1]], "int32")
+    # Window 2: row i counts real keys among i - 1 and i.
+    expected = [[0, 1, 2, 1, 0, 0, 1], [1, 2, 2, 2, 2, 2, 2]]
+    counts = visible_key_counts(padding, window_size=2)
+    np.testing.assert_array_equal(as_int(counts), expected)
+    full = attention_mask(positions(7), positions(7), 2, padding)
+    np.testing.assert_array_equal(as_int(full).sum(-1), expected)
+    causal = [[0, 1, 2, 2, 2, 2, 3], [1, 2, 3, 4, 5, 6, 7]]
+    np.testing.assert_array_equal(as_int(visible_key_counts(padding)), causal)
