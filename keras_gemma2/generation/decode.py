@@ -95,8 +95,11 @@ def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_
     logits, _, caches = causal_lm.call_with_cache(current, caches, position)
     probabilities = sampler.compute_probabilities(logits[:, 0])
     next_token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
-    forced = prompt_mask[:, index]
-    next_token = ops.where(forced, prompt[:, index], next_token)
+    # Gathers, not `[:, index]`: TensorFlow's XLA bridge wants a strided
+    # slice's bounds as compile-time constants and would recompile the step
+    # for every index.
+    forced = ops.take(prompt_mask, index, axis=1)
+    next_token = ops.where(forced, ops.take(prompt, index, axis=1), next_token)
     prompt = ops.slice_update(prompt, [0, index], next_token[:, None])
     if stop_token_ids is not None:
         stopped = _any_equal(next_token, stop_token_ids)
@@ -105,32 +108,32 @@ def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_
 
 
 def step_with_prefix(causal_lm, state, prompt_mask, edge, stop_token_ids):
-    """One `decode_step` reading the first `edge` global slots.
+    """One decode step reading the first `edge` global slots.
+
+    It is `decode_segment` stopped after one step: inside a loop the index
+    is a loop variable, while as an input of a TensorFlow XLA program it is
+    taken for a compile-time constant, recompiling the step at every index.
 
     Returns `(state, next_token)`; the state is as `prefill` returns it.
     """
-    prompt, local_cache, full_global, index, done = state
-    prompt, (local_cache, prefix), index, done, token = decode_step(
-        causal_lm,
-        prompt,
-        prompt_mask,
-        (local_cache, full_global[:, :, :, :edge]),
-        index,
-        done,
-        stop_token_ids,
-    )
-    full_global = ops.slice_update(full_global, [0] * 6, prefix)
-    return (prompt, local_cache, full_global, index, done), token
+    index = state[3]
+    state = decode_segment(causal_lm, state, prompt_mask, edge, stop_token_ids, index)
+    return state, ops.take(state[0], index, axis=1)
 
 
-def decode_segment(causal_lm, state, prompt_mask, edge, stop_token_ids):
+def decode_segment(
+    causal_lm, state, prompt_mask, edge, stop_token_ids, last_index=None
+):
     """Decode while `index <= edge` (and not every row is done), as one loop.
 
     Every step of the segment attends to the first `edge` global slots, so
-    the loop body has static shapes. Returns the new state.
+    the loop body has static shapes. `last_index` (int or int scalar tensor,
+    at most `edge`) stops the loop earlier. Returns the new state.
     """
     prompt, local_cache, full_global, index, done = state
     limit = min(edge, prompt.shape[1] - 1)
+    if last_index is not None:
+        limit = ops.minimum(last_index, limit)
 
     def cond(prompt, local_cache, global_prefix, index, done):
         return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
