@@ -95,7 +95,7 @@ class GenerationProgram:
             for _, _, token in self._torch_tokens(state, prompt_mask):
                 yield int(token[0])
             return
-        length = int(ops.convert_to_numpy(state[3]))
+        length = int(ops.convert_to_numpy(state[2]))
         edges = bucket_edges(self.prefill_length, max_length)
         for index in range(length, max_length):
             edge = next(edge for edge in edges if edge >= index)
@@ -113,13 +113,10 @@ class GenerationProgram:
 
     def _torch_tokens(self, state, prompt_mask):
         """The torch fast path; yields `(prompt, done, token)` after each step."""
-        prompt, local_cache, full_global, index, done = state
+        prompt, caches, index, done = state
         prompt = prompt.clone()  # written in place; the caller's ids stay intact
-        batch_size, max_length = prompt.shape
-        index = int(index)
-        decoder = torch_decode.TorchDecoder(self.causal_lm, batch_size, max_length)
-        decoder.start(local_cache, full_global, index - 1)
-        for position in range(index, max_length):
+        decoder = torch_decode.TorchDecoder(self.causal_lm, caches)
+        for position in range(int(index), prompt.shape[1]):
             prompt, done, token = decoder.step(
                 prompt, prompt_mask, position, done, self.stop_token_ids
             )

@@ -12,6 +12,7 @@ most `2 p` global slots and `sliding_window_size` local slots, never all of
 from keras import ops
 
 from keras_gemma2.generation.kv_cache import empty_cache, ring_from_linear, ring_size
+from keras_gemma2.models.backbone import layer_is_local
 
 MIN_PREFILL_BUCKET = 16
 
@@ -50,34 +51,58 @@ def prefill(causal_lm, token_ids, padding_mask, prefill_length):
         prefill_length: static int >= the longest prompt.
 
     Returns:
-        The state `(prompt, local_rings, global_cache, index, done)`:
-        `prompt` is `token_ids`; `local_rings` hold `min(window, max_length)`
-        slots, the window that ends at `index - 1`; `global_cache` is linear
-        with `max_length` slots; `index` (int32 scalar) is the first position
-        to generate, the shortest prompt's length; `done` is `[batch]` false.
+        The state `(prompt, caches, index, done)`: `prompt` is `token_ids`;
+        `caches` as in `kv_cache`, local layers holding the window that ends
+        at `index - 1` in rings of `min(window, max_length)` slots, global
+        layers `max_length` slots; `index` (int32 scalar) is the first
+        position to generate, the shortest prompt's length; `done` is
+        `[batch]` false.
     """
     backbone = causal_lm.backbone
     batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
     prompt_mask = ops.cast(padding_mask, "bool")
     # First position to generate: every row has a real token before it.
     index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
-    local_cache, global_cache = empty_cache(
-        backbone, batch_size, prefill_length, prefill_length
+    caches = empty_cache(backbone, batch_size, prefill_length, prefill_length)
+    _, caches = backbone.compute_hidden_states(
+        token_ids[:, :prefill_length], cache=caches, cache_update_index=0
     )
-    _, (local_cache, global_cache) = backbone.compute_hidden_states(
-        token_ids[:, :prefill_length],
-        cache=(local_cache, global_cache),
-        cache_update_index=0,
-    )
+    ring = ring_size(backbone, max_length)
     # The step that produces `index` re-reads position index - 1, so the
     # rings hold the window ending there.
-    local_cache = ring_from_linear(
-        local_cache, index - 1, ring_size(backbone, max_length)
+    grow = [[0, 0], [0, 0], [0, max_length - prefill_length], [0, 0]]
+    caches = tuple(
+        tuple(
+            ring_from_linear(array, index - 1, ring)
+            if layer_is_local(i)
+            else ops.pad(array, grow)
+            for array in pair
+        )
+        for i, pair in enumerate(caches)
     )
-    _, full_global = empty_cache(backbone, batch_size, 1, max_length)
-    full_global = ops.slice_update(full_global, [0] * 6, global_cache)
     done = ops.zeros((batch_size,), "bool")
-    return token_ids, local_cache, full_global, index, done
+    return token_ids, caches, index, done
+
+
+def _global_prefixes(caches, edge):
+    """Caches with each global layer cut to its first `edge` slots."""
+    return tuple(
+        pair if layer_is_local(i) else tuple(array[:, :, :edge] for array in pair)
+        for i, pair in enumerate(caches)
+    )
+
+
+def _write_prefixes(caches, prefixes):
+    """Global layers' full caches with their prefixes written back."""
+    return tuple(
+        prefix
+        if layer_is_local(i)
+        else tuple(
+            ops.slice_update(array, [0, 0, 0, 0], part)
+            for array, part in zip(pair, prefix, strict=True)
+        )
+        for i, (pair, prefix) in enumerate(zip(caches, prefixes, strict=True))
+    )
 
 
 def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids):
@@ -116,7 +141,7 @@ def step_with_prefix(causal_lm, state, prompt_mask, edge, stop_token_ids):
 
     Returns `(state, next_token)`; the state is as `prefill` returns it.
     """
-    index = state[3]
+    index = state[2]
     state = decode_segment(causal_lm, state, prompt_mask, edge, stop_token_ids, index)
     return state, ops.take(state[0], index, axis=1)
 
@@ -130,35 +155,27 @@ def decode_segment(
     the loop body has static shapes. `last_index` (int or int scalar tensor,
     at most `edge`) stops the loop earlier. Returns the new state.
     """
-    prompt, local_cache, full_global, index, done = state
+    prompt, caches, index, done = state
     limit = min(edge, prompt.shape[1] - 1)
     if last_index is not None:
         limit = ops.minimum(last_index, limit)
 
-    def cond(prompt, local_cache, global_prefix, index, done):
+    def cond(prompt, caches, index, done):
         return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
 
-    def body(prompt, local_cache, global_prefix, index, done):
+    def body(prompt, caches, index, done):
         prompt, caches, index, done, _ = decode_step(
-            causal_lm,
-            prompt,
-            prompt_mask,
-            (local_cache, global_prefix),
-            index,
-            done,
-            stop_token_ids,
+            causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids
         )
-        return (prompt, *caches, index, done)
+        return prompt, caches, index, done
 
-    prefix = full_global[:, :, :, :edge]
-    prompt, local_cache, prefix, index, done = causal_lm.sampler.run_loop(
+    prompt, prefixes, index, done = causal_lm.sampler.run_loop(
         cond,
         body,
-        loop_vars=(prompt, local_cache, prefix, index, done),
+        loop_vars=(prompt, _global_prefixes(caches, edge), index, done),
         model=causal_lm,
     )
-    full_global = ops.slice_update(full_global, [0] * 6, prefix)
-    return prompt, local_cache, full_global, index, done
+    return prompt, _write_prefixes(caches, prefixes), index, done
 
 
 def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):

@@ -1,13 +1,16 @@
 """KV cache layout: window-sized rings for local layers, linear for global.
 
-A cache is a pair `(local_cache, global_cache)`:
+A cache is a tuple with one `(key_cache, value_cache)` pair per layer, each
+`[batch, kv_heads, slots, head_dim]` (heads before slots, so attention reads
+it in place; see `keras_gemma2.layers.cached_attention`). Separate arrays per
+layer let a compiled decode loop update each in place, where one stacked
+array was sliced and re-stacked at every step.
 
-- `local_cache`: `[batch, num_local_layers, 2, ring, kv_heads, head_dim]` with
-  `ring = min(sliding_window_size, max_length)`; position `p` lives in slot
-  `p % ring`, so a local layer never stores or reads more than its window.
-- `global_cache`: `[batch, num_global_layers, 2, length, kv_heads, head_dim]`,
-  position `p` in slot `p`. Decoding reads only a prefix of it (see
-  `decode.py`).
+- Local layers: `slots = min(sliding_window_size, max_length)`, position `p`
+  in slot `p % slots`, so a local layer never stores or reads more than its
+  window.
+- Global layers: position `p` in slot `p`. Decoding reads only a prefix of
+  the cache (see `decode.py`).
 """
 
 from keras import ops
@@ -22,16 +25,14 @@ def layer_counts(backbone):
 
 
 def empty_cache(backbone, batch_size, local_slots, global_slots, dtype=None):
-    """Zero cache with the given slot counts."""
-    num_local, num_global = layer_counts(backbone)
+    """Zero cache with the given slot counts for local and global layers."""
     dtype = dtype or backbone.compute_dtype
-    tail = (2, None, backbone.num_key_value_heads, backbone.head_dim)
-
-    def zeros(layers, slots):
-        shape = (batch_size, layers) + tail[:1] + (slots,) + tail[2:]
-        return ops.zeros(shape, dtype=dtype)
-
-    return zeros(num_local, local_slots), zeros(num_global, global_slots)
+    caches = []
+    for index in range(backbone.num_layers):
+        slots = local_slots if layer_is_local(index) else global_slots
+        shape = (batch_size, backbone.num_key_value_heads, slots, backbone.head_dim)
+        caches.append((ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)))
+    return tuple(caches)
 
 
 def ring_size(backbone, max_length):
@@ -49,20 +50,20 @@ def cache_bytes(backbone, batch_size, max_length, dtype_bytes=4):
 
 
 def ring_from_linear(linear_cache, last_position, ring):
-    """Rebuild a ring of `ring` slots from a linear cache.
+    """Rebuild a ring of `ring` slots from one linear cache array.
 
     Slot `s` receives the latest position `<= last_position` congruent to `s`
     modulo `ring`; slots that no such position reaches get position 0 (they
     are masked as empty when attended to).
 
     Args:
-        linear_cache: `[batch, layers, 2, length, kv_heads, head_dim]`, position
-            `p` in slot `p`.
+        linear_cache: `[batch, kv_heads, length, head_dim]`, position `p` in
+            slot `p`.
         last_position: int scalar tensor, the newest position to keep.
         ring: int, slots of the result.
     """
     slots = ops.arange(ring, dtype="int32")
     positions = last_position - ops.mod(last_position - slots, ring)  # [ring]
-    length = ops.shape(linear_cache)[3]
+    length = ops.shape(linear_cache)[2]
     positions = ops.clip(positions, 0, length - 1)
-    return ops.take(linear_cache, positions, axis=3)
+    return ops.take(linear_cache, positions, axis=2)

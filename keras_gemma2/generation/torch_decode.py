@@ -4,9 +4,9 @@ On the torch backend nothing compiles the Keras layers, and per-layer call
 dispatch costs more than the arithmetic of one token (measured: ~13 tokens/s
 through the layers against ~90 for the same matmuls on raw tensors, mid
 config on 2 CPU cores). `TorchDecoder` runs one decode step as plain torch
-operations on the model's own variables (views, no copies) over caches it
-preallocates once, in a layout whose attention reads need no transposes:
-`[layers, 2, batch, kv_heads, slots, head_dim]`.
+operations on the model's own variables (views, no copies), writing into
+the prefilled caches in place (`[batch, kv_heads, slots, head_dim]`, read
+without transposes).
 
 It computes what `Gemma2Backbone.compute_hidden_states` and
 `Gemma2CausalLM.call_with_cache` compute for one token, in the same dtypes
@@ -106,19 +106,21 @@ class TorchDecoder:
 
     Args:
         causal_lm: a `Gemma2CausalLM` on the torch backend.
-        batch_size: int.
-        max_length: int, the total sequence length (global cache slots).
+        caches: the caches of a decode state (see `kv_cache`), as `prefill`
+            returns them: rings for local layers, `max_length` slots for
+            global ones. The decoder writes new keys and values into them in
+            place.
 
-    `start(state)` takes the state `decode.prefill` returns and copies its
-    caches into the decoder's preallocated ones; `step(...)` then behaves as
-    `decode.decode_step`, reading exactly the written global positions.
+    `step(...)` behaves as `decode.decode_step`, reading exactly the written
+    global positions.
     """
 
-    def __init__(self, causal_lm, batch_size, max_length):
+    def __init__(self, causal_lm, caches):
         import torch
 
         backbone = causal_lm.backbone
         self.causal_lm = causal_lm
+        self.caches = caches
         dtype = backbone.compute_dtype
         self.layers = [_Layer(block, dtype) for block in backbone.transformer_layers]
         self.local = [layer_is_local(i) for i in range(len(self.layers))]
@@ -134,38 +136,13 @@ class TorchDecoder:
         self.final_cap = backbone.final_logit_soft_cap
         self.kv_heads, self.head_dim = backbone.num_key_value_heads, backbone.head_dim
         self.groups = backbone.num_query_heads // self.kv_heads
-        self.max_length = max_length
-        self.ring = min(backbone.sliding_window_size, max_length)
+        self.ring = caches[0][0].shape[2]  # layer 0 is local
         exponents = (
             torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
         )
         self.inverse_frequencies = 1.0 / torch.pow(
             float(backbone.rope_max_wavelength), exponents
         ).to(self.embeddings.device)
-        counts = (sum(self.local), len(self.layers) - sum(self.local))
-        shape = (2, batch_size, self.kv_heads)
-        device = self.embeddings.device
-        self.local_cache = torch.zeros(
-            (counts[0], *shape, self.ring, self.head_dim),
-            dtype=self.dtype,
-            device=device,
-        )
-        self.global_cache = torch.zeros(
-            (counts[1], *shape, max_length, self.head_dim),
-            dtype=self.dtype,
-            device=device,
-        )
-
-    def start(self, local_cache, global_cache, length):
-        """Copy prefilled caches `[batch, layers, 2, slots, K, H]` in.
-
-        Only the first `length` global slots are copied: nothing later has
-        been written.
-        """
-        self.local_cache.copy_(local_cache.permute(1, 2, 0, 4, 3, 5))
-        self.global_cache[..., :length, :].copy_(
-            global_cache[:, :, :, :length].permute(1, 2, 0, 4, 3, 5)
-        )
 
     def _rotation(self, position):
         """RoPE `(cos, sin)` `[H]` for `position` (int), angles in float32."""
@@ -209,27 +186,24 @@ class TorchDecoder:
         ring_positions = position - torch.remainder(position - slots, self.ring)
         ring_valid = ring_positions >= 0
         rotation = self._rotation(position)
-        local_index = global_index = 0
-        for layer, local in zip(self.layers, self.local, strict=True):
+        for layer, local, (key_cache, value_cache) in zip(
+            self.layers, self.local, self.caches, strict=True
+        ):
             h = _rms_norm(x, layer.norms[0])
             query = (h @ layer.query).view(batch, -1, self.head_dim)  # [B, N, H]
             query = self._rope(query, rotation)
             key = self._rope((h @ layer.key).view(batch, -1, self.head_dim), rotation)
             value = (h @ layer.value).view(batch, -1, self.head_dim)
             query = query * layer.scale
+            slot = position % self.ring if local else position
+            key_cache[:, :, slot] = key.to(key_cache.dtype)  # [B, K, S, H]
+            value_cache[:, :, slot] = value.to(value_cache.dtype)
             if local:
-                cache = self.local_cache[local_index]  # [2, B, K, ring, H]
-                local_index += 1
-                slot, valid = position % self.ring, ring_valid
-            else:
-                cache = self.global_cache[global_index]  # [2, B, K, max, H]
-                global_index += 1
-                slot, valid = position, None
-            cache[0, :, :, slot] = key.to(cache.dtype)
-            cache[1, :, :, slot] = value.to(cache.dtype)
-            keys, values = cache[0], cache[1]
-            if not local:  # read exactly the positions written so far
-                keys, values = keys[:, :, : position + 1], values[:, :, : position + 1]
+                keys, values, valid = key_cache, value_cache, ring_valid
+            else:  # read exactly the positions written so far
+                keys = key_cache[:, :, : position + 1]
+                values = value_cache[:, :, : position + 1]
+                valid = None
             query = query.view(batch, self.kv_heads, self.groups, self.head_dim)
             attended = self._attend(layer, query, keys, values, valid)
             attended = attended.reshape(batch, -1) @ layer.output

@@ -9,6 +9,8 @@ from keras_gemma2.layers.attention_kernels import (
     attention,
     validate_attention_implementation,
 )
+from keras_gemma2.layers.attention_masks import attention_mask
+from keras_gemma2.layers.cached_attention import cached_attention
 from keras_gemma2.layers.rotary_embedding import rotary_embedding
 from keras_gemma2.layers.soft_capping import validate_soft_cap
 from keras_gemma2.layers.validation import positive_int, positive_number, unit_rate
@@ -57,12 +59,13 @@ class SlidingWindowAttention(keras.layers.Layer):
         padding_mask: optional tensor `[batch, S]`, 1 for real tokens and 0
             for padding, over the keys (`S = T` without a cache, the cache
             length with one).
-        cache: optional float tensor `[batch, 2, S, num_key_value_heads,
-            head_dim]` of keys (index 0) and values (index 1). It is a ring
-            buffer: position `p` is stored in slot `p % S`, so `S` may be the
-            full sequence length (a linear cache) or, for a local layer, just
-            `sliding_window_size`. A call with several tokens must not wrap
-            around the end of the ring.
+        cache: optional pair `(key_cache, value_cache)` of float tensors
+            `[batch, num_key_value_heads, S, head_dim]` (heads before slots:
+            see `cached_attention`). It is a ring buffer: position `p` is
+            stored in slot `p % S`, so `S` may be the full sequence length (a
+            linear cache) or, for a local layer, just `sliding_window_size`.
+            A call with several tokens must not wrap around the end of the
+            ring.
         cache_update_index: int or int scalar tensor. With a cache: the
             position of the first of the `T` new tokens; their keys and
             values are written there. Without a cache: the position of the
@@ -70,8 +73,8 @@ class SlidingWindowAttention(keras.layers.Layer):
         training: bool. Enables dropout.
 
     Returns:
-        `[batch, T, hidden_dim]` outputs, or `(outputs, updated_cache)` when a
-        cache is passed.
+        `[batch, T, hidden_dim]` outputs, or `(outputs, (key_cache,
+        value_cache))` when a cache is passed.
 
     Example:
 
@@ -190,45 +193,56 @@ class SlidingWindowAttention(keras.layers.Layer):
         key = rotary_embedding(key, query_positions, self.rope_max_wavelength)
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
 
-        self_attention = cache is None
+        dropout = None
+        if training and self.dropout > 0:
+            dropout = functools.partial(self.dropout_layer, training=training)
+        fresh = cache is None
         if cache is not None:
             # The cache is a ring of S slots: position p lives in slot p % S.
             # With S >= every position this is a plain linear cache; with
             # S = sliding_window_size it holds exactly a local layer's window.
             # A multi-token update must not wrap (prefill starts at slot 0).
-            cache_length = ops.shape(cache)[2]
+            key_cache, value_cache = cache  # [B, K, S, H] each
+            cache_length = ops.shape(key_cache)[2]
             start_position = ops.cast(cache_update_index, "int32")
-            start = [0, ops.mod(start_position, cache_length), 0, 0]
-            key = ops.slice_update(cache[:, 0], start, ops.cast(key, cache.dtype))
-            value = ops.slice_update(cache[:, 1], start, ops.cast(value, cache.dtype))
-            cache = ops.stack([key, value], axis=1)  # [B, 2, S, K, H]
+            start = [0, 0, ops.mod(start_position, cache_length), 0]
+            key_cache = ops.slice_update(
+                key_cache,
+                start,
+                ops.cast(ops.transpose(key, (0, 2, 1, 3)), key_cache.dtype),
+            )
+            value_cache = ops.slice_update(
+                value_cache,
+                start,
+                ops.cast(ops.transpose(value, (0, 2, 1, 3)), value_cache.dtype),
+            )
+            cache = (key_cache, value_cache)
             # A prefill (T tokens written from 0 into T slots) leaves exactly
             # the new tokens in the cache: plain self-attention, fast paths on.
-            self_attention = _is_fresh_prefill(cache_update_index, cache, length)
-            if not self_attention:
-                last_position = start_position + length - 1
-                slots = ops.arange(cache_length, dtype="int32")
-                # Position held by each slot: the latest one <= last_position
-                # that maps there; negative means the slot was never written.
-                key_positions = last_position - ops.mod(
-                    last_position - slots, cache_length
-                )
-
-        dropout = None
-        if training and self.dropout > 0:
-            dropout = functools.partial(self.dropout_layer, training=training)
-        attended = attention(
-            query,
-            key,
-            value,
-            padding_mask=padding_mask,
-            sliding_window_size=self.sliding_window_size,
-            soft_cap=self.attention_logit_soft_cap,
-            query_positions=None if self_attention else query_positions,
-            key_positions=None if self_attention else key_positions,
-            implementation=self.attention_implementation,
-            dropout=dropout,
-        )  # [B, T, N, H]
+            fresh = _is_fresh_prefill(cache_update_index, key_cache, length)
+        if fresh:
+            attended = attention(
+                query,
+                key,
+                value,
+                padding_mask=padding_mask,
+                sliding_window_size=self.sliding_window_size,
+                soft_cap=self.attention_logit_soft_cap,
+                implementation=self.attention_implementation,
+                dropout=dropout,
+            )  # [B, T, N, H]
+        else:
+            last_position = start_position + length - 1
+            slots = ops.arange(cache_length, dtype="int32")
+            # Position held by each slot: the latest one <= last_position that
+            # maps there; negative means the slot was never written.
+            key_positions = last_position - ops.mod(last_position - slots, cache_length)
+            mask = attention_mask(
+                query_positions, key_positions, self.sliding_window_size, padding_mask
+            )  # [B or 1, T, S]
+            attended = cached_attention(
+                query, key_cache, value_cache, mask, self.attention_logit_soft_cap
+            )  # [B, T, N, H]
         outputs = self.output_dense(attended)  # [B, T, D]
         if cache is not None:
             return outputs, cache

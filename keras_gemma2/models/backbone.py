@@ -200,8 +200,8 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         Args:
             token_ids: int tensor `[batch, T]`.
             padding_mask: optional `[batch, S]` key mask (1 = real token).
-            cache: optional `(local_cache, global_cache)`, each
-                `[batch, layers_of_that_kind, 2, slots, num_key_value_heads,
+            cache: optional tuple with one `(key_cache, value_cache)` pair
+                per layer, each `[batch, num_key_value_heads, slots,
                 head_dim]`; see `keras_gemma2.generation.kv_cache`.
             cache_update_index: position of the first of the `T` tokens.
             training: bool, enables dropout.
@@ -213,29 +213,21 @@ class Gemma2Backbone(keras_hub.models.Backbone):
         # The scale is cast to the compute dtype first, as the reference does.
         hidden_dim = self.token_embedding.output_dim
         x = x * keras.ops.cast(math.sqrt(hidden_dim), x.dtype)
-        caches = {True: [], False: []}
+        new_cache = []
         for index, block in enumerate(self.transformer_layers):
             if cache is None:
                 x = block(x, padding_mask=padding_mask, training=training)
                 continue
-            local = layer_is_local(index)
-            kind_cache = cache[0] if local else cache[1]
             x, layer_cache = block(
                 x,
                 padding_mask=padding_mask,
-                cache=kind_cache[:, len(caches[local])],
+                cache=cache[index],
                 cache_update_index=cache_update_index,
                 training=training,
             )
-            caches[local].append(layer_cache)
+            new_cache.append(layer_cache)
         hidden_states = self.final_norm(x)
-        if cache is None:
-            return hidden_states, None
-        new_cache = tuple(
-            keras.ops.stack(caches[kind], axis=1) if caches[kind] else cache[i]
-            for i, kind in enumerate((True, False))
-        )
-        return hidden_states, new_cache
+        return hidden_states, None if cache is None else tuple(new_cache)
 
     def get_config(self):
         return {

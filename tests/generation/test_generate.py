@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
 from keras_gemma2.generation.kv_cache import empty_cache, ring_from_linear, ring_size
+from keras_gemma2.models.backbone import layer_is_local
 from tests.conftest import TINY_BACKBONE_CONFIG
 
 MAX_LENGTH = 24  # prompts <= 16 prefill in one bucket; decode crosses to 24
@@ -71,25 +72,32 @@ def test_cached_logits_equal_full_forward_at_every_position(causal_lm):
 
     # Prefill with linear caches, then keep window-sized rings for local layers.
     cache = empty_cache(backbone, 2, prompt_length, prompt_length)
-    logits, _, (local, global_cache) = causal_lm.call_with_cache(
-        token_ids[:, :prompt_length], cache, 0
-    )
+    logits, _, cache = causal_lm.call_with_cache(token_ids[:, :prompt_length], cache, 0)
     np.testing.assert_allclose(
         ops.convert_to_numpy(logits), expected[:, :prompt_length], atol=1e-4
     )
     ring = ring_size(backbone, length)
     assert ring == TINY_BACKBONE_CONFIG["sliding_window_size"]
-    local = ring_from_linear(local, prompt_length - 1, ring)
-    _, full_global = empty_cache(backbone, 2, 1, length)
-    full_global = ops.slice_update(full_global, [0] * 6, global_cache)
+    grow = [[0, 0], [0, 0], [0, length - prompt_length], [0, 0]]
+    cache = tuple(
+        tuple(
+            ring_from_linear(array, prompt_length - 1, ring)
+            if layer_is_local(i)
+            else ops.pad(array, grow)
+            for array in pair
+        )
+        for i, pair in enumerate(cache)
+    )
     for position in range(prompt_length, length):
-        logits, _, (local, full_global) = causal_lm.call_with_cache(
-            token_ids[:, position : position + 1], (local, full_global), position
+        logits, _, cache = causal_lm.call_with_cache(
+            token_ids[:, position : position + 1], cache, position
         )
         np.testing.assert_allclose(
             ops.convert_to_numpy(logits)[:, 0], expected[:, position], atol=1e-4
         )
-    assert tuple(local.shape)[3] == ring  # local layers never grew past the window
+    for i, (key_cache, _) in enumerate(cache):
+        # Local layers never grew past the window; global ones hold every slot.
+        assert key_cache.shape[2] == (ring if layer_is_local(i) else length)
 
 
 def test_greedy_generation_matches_full_forward_reference(causal_lm):

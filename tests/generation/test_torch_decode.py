@@ -33,8 +33,7 @@ def fast_and_portable_logits(causal_lm, token_ids, prompt_length):
             ops.convert_to_tensor(padding_mask),
             prompt_length,
         )
-        decoder = torch_decode.TorchDecoder(causal_lm, *token_ids.shape)
-        decoder.start(state[1], state[2], prompt_length - 1)
+        decoder = torch_decode.TorchDecoder(causal_lm, state[1])
         fast = [
             ops.convert_to_numpy(
                 decoder.logits(ops.convert_to_tensor(token_ids[:, p]), p)

@@ -107,12 +107,17 @@ def test_padding_mask_hides_keys():
     np.testing.assert_allclose(actual[visible_rows], expected[visible_rows], atol=1e-4)
 
 
+def empty_cache(slots):
+    """`(key_cache, value_cache)` for `make_layer()`: batch 2, 2 kv heads of 8."""
+    return ops.zeros((2, 2, slots, 8)), ops.zeros((2, 2, slots, 8))
+
+
 @pytest.mark.parametrize("window", [3, None])
 def test_cache_prefill_then_single_steps_equal_full_pass(window):
     x = inputs(batch=2, length=10, seed=2)
     layer = make_layer(sliding_window_size=window)
     full = ops.convert_to_numpy(layer(x))
-    cache = ops.zeros((2, 2, 10, 2, 8))
+    cache = empty_cache(slots=10)
     prefill, cache = layer(x[:, :4], cache=cache, cache_update_index=0)
     outputs = [ops.convert_to_numpy(prefill)]
     for index in range(4, 10):
@@ -144,7 +149,7 @@ def test_ring_cache_of_window_size_equals_full_pass():
     x = inputs(batch=2, length=11, seed=3)
     layer = make_layer(sliding_window_size=3)
     full = ops.convert_to_numpy(layer(x))
-    cache = ops.zeros((2, 2, 3, 2, 8))
+    cache = empty_cache(slots=3)
     steps = []
     for index in range(11):
         step, cache = layer(
@@ -189,14 +194,13 @@ def test_prefill_into_a_cache_of_its_own_length_equals_full_pass(window):
     layer = _same_weights(
         reference, sliding_window_size=window, attention_implementation="blocked"
     )
-    prefill, cache = layer(x, cache=ops.zeros((2, 2, 20, 2, 8)), cache_update_index=0)
+    prefill, cache = layer(x, cache=empty_cache(slots=20), cache_update_index=0)
     np.testing.assert_allclose(ops.convert_to_numpy(prefill), full, atol=1e-5)
-    _, expected_cache = reference(
-        x, cache=ops.zeros((2, 2, 20, 2, 8)), cache_update_index=0
-    )
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(cache), ops.convert_to_numpy(expected_cache), atol=1e-6
-    )
+    _, expected_cache = reference(x, cache=empty_cache(slots=20), cache_update_index=0)
+    for array, expected in zip(cache, expected_cache, strict=True):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(array), ops.convert_to_numpy(expected), atol=1e-6
+        )
 
 
 def test_config_round_trip_keeps_attention_implementation():
