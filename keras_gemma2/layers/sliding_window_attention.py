@@ -166,8 +166,11 @@ class SlidingWindowAttention(keras.layers.Layer):
             "value", "bsd,dkh->bskh", (None, kv_heads, head_dim)
         )
         self.value_dense.build(input_shape)
+        # `a` indexes the query heads: jnp.einsum orders contracted axes by
+        # label, and with `n` (after `h`) it transposed the kernel at every
+        # call, a full copy per decode step under XLA.
         self.output_dense = projection(
-            "attention_output", "btnh,nhd->btd", (None, hidden_dim)
+            "attention_output", "btah,ahd->btd", (None, hidden_dim)
         )
         self.output_dense.build((None, None, heads, head_dim))
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
