@@ -39,11 +39,12 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blocked", "flex", "fused")
 MASKED_LOGIT = -1e9
 
 # "auto" uses compiled flex attention on torch from this many tokens. Each
-# new length compiles for 10-20 s (2-core CPU, cold cache), and one forward
-# of the benchmarks' 8-layer model saves ~0.4 s per local and ~2 s per global
-# layer at 4096 tokens (flex 0.2 s / 0.55 s vs blocked 0.67 s and reference
-# 2.5 s): paid back within a few calls there, not at 2048 (see
-# benchmarks/prefill.py).
+# new length compiles once per process, 10-20 s on a 2-core CPU with a cold
+# cache. At 4096 tokens (window 512, 8/4 heads, head_dim 64) flex took 0.11 s
+# per local and 0.53 s per global layer against 0.23 s blocked and 1.33 s
+# reference: a model with a dozen global layers pays the compilation back in
+# one or two calls there, while at 2048 the savings are a quarter of that
+# (see benchmarks/prefill.py).
 FLEX_MIN_LENGTH = 4096
 
 
@@ -58,14 +59,17 @@ def validate_attention_implementation(value, name="attention_implementation"):
 
 
 def default_block_size(sliding_window_size):
-    """Query block of the blocked kernel: a power of two near `window / 4`.
+    """Query block of the blocked kernel: the power of two near `window / 2`.
 
-    Smaller blocks waste less (a block reads `window + block - 1` keys per
-    query, rounded up to whole blocks) but make more, smaller matmuls; a
-    quarter window measured best on CPU. Never below 16 or above the window.
+    A block reads `window + block - 1` keys per query (rounded up to whole
+    blocks), so smaller blocks waste less but make more, smaller matmuls. At
+    window 512 and 2048 tokens (2-core CPU), blocks of 256 measured fastest
+    under XLA (jax 122 ms, tensorflow 36 ms vs 164 / 79 ms at 128 and 157 /
+    50 ms at 512); torch eager was within noise of 128. Never below 16 or
+    above the window.
     """
     block = 16
-    while block * 8 <= sliding_window_size:
+    while block * 4 <= sliding_window_size:
         block *= 2
     return min(block, sliding_window_size)
 
@@ -450,41 +454,53 @@ def blocked_attention(
     span = (previous + 1) * block  # keys seen by one query block
     tail = num_blocks * block - length
 
+    # Heads lead and each block's queries are contiguous, so both products
+    # are plain batched matmuls over (B, K, nb), forward and backward (an
+    # einsum over the [B, nb, c, K, G, H] layout was 3x slower in torch's
+    # backward).
     query = ops.pad(query, [[0, 0], [0, tail], [0, 0], [0, 0]])
     query = ops.reshape(
         query, (batch_size, num_blocks, block, kv_heads, groups, head_dim)
-    )  # [B, nb, c, K, G, H]
+    )
+    query = ops.transpose(query, (0, 3, 1, 4, 2, 5))  # [B, K, nb, G, c, H]
+    query = ops.reshape(
+        query, (batch_size, kv_heads, num_blocks, groups * block, head_dim)
+    )  # [B, K, nb, G*c, H]
 
     def key_windows(x):
-        """`[B, T, ...]` -> `[B, nb, span, ...]`: the keys of each query block."""
-        rest = [[0, 0]] * (len(x.shape) - 2)
-        x = ops.pad(x, [[0, 0], [previous * block, tail]] + rest)
+        """`[B, K, T, ...]` -> `[B, K, nb, span, ...]`: each query block's keys."""
+        rest = [[0, 0]] * (len(x.shape) - 3)
+        x = ops.pad(x, [[0, 0], [0, 0], [previous * block, tail]] + rest)
         x = ops.reshape(
-            x, (ops.shape(x)[0], num_blocks + previous, block) + tuple(x.shape[2:])
-        )  # [B, nb + previous, c, ...]
-        parts = [x[:, shift : shift + num_blocks] for shift in range(previous + 1)]
-        return ops.concatenate(parts, axis=2) if previous else parts[0]
+            x,
+            (ops.shape(x)[0], x.shape[1], num_blocks + previous, block)
+            + tuple(x.shape[3:]),
+        )  # [B, K, nb + previous, c, ...]
+        parts = [x[:, :, s : s + num_blocks] for s in range(previous + 1)]
+        return ops.concatenate(parts, axis=3) if previous else parts[0]
 
-    keys = key_windows(key)  # [B, nb, span, K, H]
-    values = key_windows(value)  # [B, nb, span, K, H]
+    keys = key_windows(ops.transpose(key, (0, 2, 1, 3)))  # [B, K, nb, span, H]
+    values = key_windows(ops.transpose(value, (0, 2, 1, 3)))  # [B, K, nb, span, H]
     if padding_mask is None:
-        real = ops.ones((1, length), "int32")
+        real = ops.ones((1, 1, length), "int32")
     else:
-        real = ops.cast(ops.cast(padding_mask, "bool"), "int32")
-    keys_real = key_windows(real[..., None])[..., 0]  # [B or 1, nb, span]
-    keys_real = ops.cast(keys_real, "bool")
+        real = ops.cast(ops.cast(padding_mask, "bool"), "int32")[:, None]
+    keys_real = ops.cast(key_windows(real), "bool")  # [B or 1, 1, nb, span]
     window = sliding_window_mask(
         ops.arange(block, dtype="int32") + previous * block,
         ops.arange(span, dtype="int32"),
         sliding_window_size,
     )  # [c, span]
-    mask = ops.logical_and(window[None, None], keys_real[:, :, None, :])
+    window = ops.tile(window, (groups, 1))  # [G*c, span]: rows g*c + qi
+    mask = ops.logical_and(window, keys_real[:, :, :, None, :])
 
-    logits = ops.einsum("bnqkgh,bnskh->bnkgqs", query, keys)  # [B, nb, K, G, c, span]
-    probabilities = _masked_probabilities(
-        logits, mask[:, :, None, None], soft_cap, value.dtype, dropout
+    logits = ops.matmul(query, ops.swapaxes(keys, -1, -2))  # [B, K, nb, G*c, span]
+    probabilities = _masked_probabilities(logits, mask, soft_cap, value.dtype, dropout)
+    attended = ops.matmul(probabilities, values)  # [B, K, nb, G*c, H]
+    attended = ops.reshape(
+        attended, (batch_size, kv_heads, num_blocks, groups, block, head_dim)
     )
-    attended = ops.einsum("bnkgqs,bnskh->bnqkgh", probabilities, values)
+    attended = ops.transpose(attended, (0, 2, 4, 1, 3, 5))  # [B, nb, c, K, G, H]
     attended = ops.reshape(
         attended, (batch_size, num_blocks * block, num_heads, head_dim)
     )

@@ -386,8 +386,8 @@ def test_explicit_choices():
             assert choose_implementation("flex", query_of(64), 16) == "blocked"
 
 
-def test_default_block_size_is_a_quarter_window_power_of_two():
-    assert [default_block_size(w) for w in (5, 64, 512, 4096)] == [5, 16, 128, 1024]
+def test_default_block_size_is_a_half_window_power_of_two():
+    assert [default_block_size(w) for w in (5, 64, 512, 4096)] == [5, 32, 256, 2048]
 
 
 @pytest.mark.parametrize("value", ["fast", None, 3, "Blocked"])
