@@ -1,7 +1,8 @@
 """The attention core behind one dispatch function, `attention`.
 
-`"reference"` is the portable masked computation (full `[T, S]` logits) and
-the definition of the result; every other implementation must equal it:
+Self-attention over `T` positions (a forward pass, or a prefill that fills
+its cache). `"reference"` is the portable masked computation (full `[T, T]`
+logits) and the definition of the result; every other implementation must equal it:
 
 - `"blocked"`: portable `keras.ops`, for local (sliding-window) layers. The
   queries are cut into blocks of `block_size`; a block attends only to the
@@ -16,7 +17,7 @@ the definition of the result; every other implementation must equal it:
 
 Masked-row semantics (kept by every implementation): masked logits are a
 finite `-1e9`, so a query with no visible key (possible only with a padding
-mask) gets a uniform softmax over all `S` keys. Fast paths compute such rows
+mask) gets a uniform softmax over all `T` keys. Fast paths compute such rows
 as the mean of the values, as the reference does.
 """
 
@@ -113,7 +114,6 @@ def choose_implementation(
     query,
     sliding_window_size=None,
     soft_cap=None,
-    self_attention=True,
     padding=False,
     dropout=False,
     block_size=None,
@@ -125,8 +125,6 @@ def choose_implementation(
         query: tensor `[B, T, N, H]` (its length, backend and device count).
         sliding_window_size: int or `None` (a global layer).
         soft_cap: float or `None`.
-        self_attention: bool. `False` for queries against a cache at other
-            positions (decode steps): only `"reference"` handles that.
         padding: bool. Whether a key padding mask is given.
         dropout: bool. Whether dropout acts on the probabilities.
         block_size: int or `None`; see `attention`.
@@ -137,7 +135,7 @@ def choose_implementation(
         choice with a warning saying why.
     """
     validate_attention_implementation(implementation, "implementation")
-    if not self_attention or implementation == "reference":
+    if implementation == "reference":
         return "reference"
     length = _static_length(query)
     local = sliding_window_size is not None
@@ -208,31 +206,27 @@ def attention(
     padding_mask=None,
     sliding_window_size=None,
     soft_cap=None,
-    query_positions=None,
-    key_positions=None,
     implementation="auto",
     dropout=None,
     block_size=None,
 ):
-    """Grouped-query attention with Gemma 2's soft cap and masks.
+    """Grouped-query self-attention with Gemma 2's soft cap and masks.
 
-    `logits = q . k`, soft-capped `cap * tanh(logits / cap)`, masked (causal,
-    sliding window, key padding), float32 softmax, weighted sum of values.
-    Each of the `K` key/value heads serves `N / K` consecutive query heads.
+    Queries, keys and values are the same `T` positions (a forward pass, or
+    a prefill that fills its cache; decode steps over a cache use
+    `cached_attention`). `logits = q . k`, soft-capped `cap * tanh(logits /
+    cap)`, masked (causal, sliding window, key padding), float32 softmax,
+    weighted sum of values. Each of the `K` key/value heads serves `N / K`
+    consecutive query heads.
 
     Args:
         query: `[B, T, N, H]`, already scaled by `query_pre_attn_scalar ** -0.5`.
-        key: `[B, S, K, H]`.
-        value: `[B, S, K, H]`.
-        padding_mask: optional `[B, S]`, nonzero/True for real keys.
+        key: `[B, T, K, H]`.
+        value: `[B, T, K, H]`.
+        padding_mask: optional `[B, T]`, nonzero/True for real keys.
         sliding_window_size: int or `None`. A query at position `i` sees keys
             `j` with `i - sliding_window_size < j <= i`; `None` is causal.
         soft_cap: float or `None`.
-        query_positions: optional int `[T]`; with `key_positions` (`[S]`, negative
-            for empty cache slots), queries against a cache. Leave both `None`
-            for self-attention over the same `T = S` positions, the case every
-            fast path handles.
-        key_positions: optional int `[S]`; see `query_positions`.
         implementation: string, one of `ATTENTION_IMPLEMENTATIONS`; see
             `choose_implementation`. Defaults to `"auto"`.
         dropout: optional callable applied to the attention probabilities
@@ -255,12 +249,6 @@ def attention(
     >>> bool(np.allclose(full, blocked, atol=1e-6))
     True
     """
-    if (query_positions is None) != (key_positions is None):
-        raise ValueError(
-            "Pass both `query_positions` and `key_positions`, or neither (self-"
-            f"attention). Received: query_positions={query_positions!r}, "
-            f"key_positions={key_positions!r}"
-        )
     if block_size is not None and (
         isinstance(block_size, bool)
         or not isinstance(block_size, int)
@@ -275,24 +263,20 @@ def attention(
     value = ops.convert_to_tensor(value)
     if padding_mask is not None:
         padding_mask = ops.convert_to_tensor(padding_mask)
-    self_attention = query_positions is None
     chosen = choose_implementation(
         implementation,
         query,
         sliding_window_size=sliding_window_size,
         soft_cap=soft_cap,
-        self_attention=self_attention,
         padding=padding_mask is not None,
         dropout=dropout is not None,
         block_size=block_size,
     )
     if chosen == "reference":
-        if self_attention:
-            positions = ops.arange(ops.shape(query)[1], dtype="int32")
-            query_positions = key_positions = positions
+        positions = ops.arange(ops.shape(query)[1], dtype="int32")
         mask = attention_mask(
-            query_positions, key_positions, sliding_window_size, padding_mask
-        )  # [B or 1, T, S]
+            positions, positions, sliding_window_size, padding_mask
+        )  # [B or 1, T, T]
         return reference_attention(query, key, value, mask, soft_cap, dropout)
 
     def exact_rows(outputs):

@@ -349,14 +349,8 @@ def test_auto_choice():
     assert choose_implementation("auto", query_of(20), sliding_window_size=16) == (
         "reference"
     )
-    # Global layers and cached decode steps: the reference.
+    # Global layers: the reference.
     assert choose_implementation("auto", query_of(64)) == "reference"
-    assert (
-        choose_implementation(
-            "auto", query_of(1), sliding_window_size=16, self_attention=False
-        )
-        == "reference"
-    )
     # Long inputs without gradients: compiled flex on torch.
     long_query = query_of(FLEX_MIN_LENGTH)
     if BACKEND == "torch":
@@ -403,8 +397,6 @@ def test_bad_arguments():
     q = query_of(8)
     with pytest.raises(ValueError, match="block_size"):
         attention(q, q, q, sliding_window_size=2, block_size=0)
-    with pytest.raises(ValueError, match="key_positions"):
-        attention(q, q, q, query_positions=ops.arange(8))
     with pytest.raises(ValueError, match="sliding_window_size"):
         blocked_attention(q, q, q)
 
