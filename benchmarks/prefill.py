@@ -57,13 +57,11 @@ MID = {
 }
 
 
-def make_weights(directory, config=MID, dtype=None):
-    """Random KerasHub Gemma 2-style preset in `directory/keras_hub`, HF in `/hf`."""
-    import keras
+def keras_hub_gemma2_backbone(config, dtype=None):
+    """KerasHub's `GemmaBackbone` with Gemma 2 settings, sized by our `config`."""
     import keras_hub
 
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GemmaBackbone(
+    return keras_hub.models.GemmaBackbone(
         **{key: config[key] for key in MID if key != "intermediate_dim"},
         intermediate_dim=2 * config["intermediate_dim"],  # KerasHub: both branches
         query_head_dim_normalize=True,
@@ -74,6 +72,15 @@ def make_weights(directory, config=MID, dtype=None):
         use_sliding_window_attention=True,
         dtype=dtype,
     )
+
+
+def make_weights(directory, config=MID, dtype=None):
+    """Random KerasHub Gemma 2-style preset in `directory/keras_hub`, HF in `/hf`."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub_gemma2_backbone(config, dtype)
     keras_hub.models.GemmaCausalLM(backbone).save_to_preset(
         os.path.join(directory, "keras_hub")
     )

@@ -380,8 +380,17 @@ def test_explicit_choices():
             assert choose_implementation("flex", query_of(64), 16) == "blocked"
 
 
-def test_default_block_size_is_a_half_window_power_of_two():
-    assert [default_block_size(w) for w in (5, 64, 512, 4096)] == [5, 32, 256, 2048]
+def test_default_block_size_is_a_half_window_power_of_two_up_to_512():
+    assert [default_block_size(w) for w in (5, 64, 512, 4096)] == [5, 32, 256, 512]
+
+
+def test_blocked_pays_off_exactly_when_it_computes_fewer_logits():
+    # Window 4096, blocks of 512: 8 previous blocks, 4608 keys per query.
+    assert not attention_kernels.blocked_pays_off(4608, 4096)
+    assert attention_kernels.blocked_pays_off(8192, 4096)  # 8192 * 4608 < 8192**2
+    # Window 16, blocks of 16: one previous block, 32 keys per query.
+    assert not attention_kernels.blocked_pays_off(39, 16)  # 48 * 32 > 39**2
+    assert attention_kernels.blocked_pays_off(40, 16)  # 48 * 32 < 40**2
 
 
 @pytest.mark.parametrize("value", ["fast", None, 3, "Blocked"])
