@@ -202,6 +202,10 @@ def _fused_reason(query, length, soft_cap, padding, dropout):
         return "the TPU kernel takes one mask for the whole batch, not a padding mask"
     if query.shape[0] is None:
         return "the TPU kernel needs a static batch size"
+    if length % 128 or query.shape[-1] % 128:
+        # Keras catches the Splash kernel's error and silently runs XLA
+        # attention without the cap instead; refuse before that happens.
+        return "the TPU kernel needs a length and head_dim that are multiples of 128"
     return None
 
 
@@ -507,6 +511,9 @@ def fused_attention(
     host array, because Keras falls back to XLA attention without the cap
     when it is traced, and `scale=None`, because that path multiplies the
     queries by `scale * sqrt(head_dim)` while Splash itself does not scale.
+    Keras runs XLA attention without the cap whenever Splash raises, so
+    `choose_implementation` only sends it shapes Splash takes (untested here:
+    no TPU; `test_fused_with_soft_cap_equals_reference` runs on one).
     Without a soft cap it runs on every backend with `scale=1`.
 
     query: `[B, T, N, H]` (scaled); key, value: `[B, T, K, H]`;
