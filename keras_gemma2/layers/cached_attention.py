@@ -16,6 +16,7 @@ from keras import ops
 from keras_gemma2.layers.attention_kernels import (
     _masked_probabilities as masked_probabilities,
 )
+from keras_gemma2.layers.last_axis_product import last_axis_product
 
 
 def cached_attention(query, key_cache, value_cache, mask, soft_cap=None):
@@ -37,7 +38,7 @@ def cached_attention(query, key_cache, value_cache, mask, soft_cap=None):
     groups = num_heads // kv_heads
     if length == 1:
         query = ops.reshape(query, (batch_size, kv_heads, groups, head_dim))
-        logits = ops.einsum("bkgh,bksh->bkgs", query, key_cache)  # [B, K, G, S]
+        logits = last_axis_product("bkgh,bksh->bkgs", query, key_cache)  # [B,K,G,S]
         probabilities = masked_probabilities(
             logits, mask[:, None], soft_cap, value_cache.dtype, None
         )

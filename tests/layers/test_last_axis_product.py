@@ -1,0 +1,26 @@
+"""`last_axis_product` against numpy, with and without batch axes on `y`."""
+
+import numpy as np
+from keras import ops
+
+from keras_gemma2.layers.last_axis_product import last_axis_product
+
+
+def test_shared_table_equals_numpy():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 3, 8)), rng.normal(size=(5, 8))
+    actual = last_axis_product("btd,vd->btv", x.astype("float32"), y.astype("float32"))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(actual), np.einsum("btd,vd->btv", x, y), atol=1e-5
+    )
+
+
+def test_batched_keys_equal_numpy():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(2, 4, 3, 8)), rng.normal(size=(2, 4, 7, 8))
+    actual = last_axis_product(
+        "bkgh,bksh->bkgs", x.astype("float32"), y.astype("float32")
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(actual), np.einsum("bkgh,bksh->bkgs", x, y), atol=1e-5
+    )
