@@ -55,20 +55,20 @@ class GenerationProgram:
             self._compiled[key] = compile_function(self.causal_lm, function)
         return self._compiled[key]
 
-    def _prefill(self, token_ids, padding_mask):
+    def _prefill(self, inputs):
+        """`(prompt_mask, max_length, state)` after the compiled prefill."""
+        token_ids = ops.convert_to_tensor(inputs["token_ids"])
+        padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
         run = self._phase(
             "prefill",
             lambda args: prefill(self.causal_lm, *args, self.prefill_length),
         )
-        return run((token_ids, padding_mask))
+        state = run((token_ids, padding_mask))
+        return ops.cast(padding_mask, "bool"), token_ids.shape[1], state
 
     def __call__(self, inputs):
         """Complete `inputs` (`{"token_ids", "padding_mask"}`), as one batch."""
-        token_ids = ops.convert_to_tensor(inputs["token_ids"])
-        padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
-        prompt_mask = ops.cast(padding_mask, "bool")
-        max_length = token_ids.shape[1]
-        state = self._prefill(token_ids, padding_mask)
+        prompt_mask, max_length, state = self._prefill(inputs)
         if torch_decode.supports(self.causal_lm):
             prompt = self._torch_decode(state, prompt_mask)
             return finish(prompt, prompt_mask, self.stop_token_ids)
@@ -86,11 +86,7 @@ class GenerationProgram:
 
     def stream(self, inputs):
         """Yield each new token id (int) of a one-row batch as it is sampled."""
-        token_ids = ops.convert_to_tensor(inputs["token_ids"])
-        padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
-        prompt_mask = ops.cast(padding_mask, "bool")
-        max_length = token_ids.shape[1]
-        state = self._prefill(token_ids, padding_mask)
+        prompt_mask, max_length, state = self._prefill(inputs)
         if torch_decode.supports(self.causal_lm):
             for _, _, token in self._torch_tokens(state, prompt_mask):
                 yield int(token[0])

@@ -11,7 +11,7 @@ most `2 p` global slots and `sliding_window_size` local slots, never all of
 
 from keras import ops
 
-from keras_gemma2.generation.kv_cache import empty_cache, ring_from_linear, ring_size
+from keras_gemma2.generation.kv_cache import decode_cache, empty_cache
 from keras_gemma2.models.backbone import layer_is_local
 
 MIN_PREFILL_BUCKET = 16
@@ -67,19 +67,9 @@ def prefill(causal_lm, token_ids, padding_mask, prefill_length):
     _, caches = backbone.compute_hidden_states(
         token_ids[:, :prefill_length], cache=caches, cache_update_index=0
     )
-    ring = ring_size(backbone, max_length)
     # The step that produces `index` re-reads position index - 1, so the
     # rings hold the window ending there.
-    grow = [[0, 0], [0, 0], [0, max_length - prefill_length], [0, 0]]
-    caches = tuple(
-        tuple(
-            ring_from_linear(array, index - 1, ring)
-            if layer_is_local(i)
-            else ops.pad(array, grow)
-            for array in pair
-        )
-        for i, pair in enumerate(caches)
-    )
+    caches = decode_cache(backbone, caches, index - 1, max_length)
     done = ops.zeros((batch_size,), "bool")
     return token_ids, caches, index, done
 

@@ -67,3 +67,31 @@ def ring_from_linear(linear_cache, last_position, ring):
     length = ops.shape(linear_cache)[2]
     positions = ops.clip(positions, 0, length - 1)
     return ops.take(linear_cache, positions, axis=2)
+
+
+def decode_cache(backbone, prefilled, last_position, max_length):
+    """The decode layout of a cache that a prefill filled linearly.
+
+    Local layers become rings of `ring_size(backbone, max_length)` slots
+    holding the window that ends at `last_position`; global layers are
+    padded with empty slots to `max_length`.
+
+    Args:
+        backbone: the `Gemma2Backbone` the cache belongs to.
+        prefilled: one `(key, value)` pair per layer, every array holding
+            positions `0 .. L - 1` in slots `0 .. L - 1`.
+        last_position: int scalar tensor, the newest position the rings keep.
+        max_length: int, the total sequence length.
+    """
+    ring = ring_size(backbone, max_length)
+    length = prefilled[0][0].shape[2]
+    grow = [[0, 0], [0, 0], [0, max_length - length], [0, 0]]
+    return tuple(
+        tuple(
+            ring_from_linear(array, last_position, ring)
+            if layer_is_local(index)
+            else ops.pad(array, grow)
+            for array in pair
+        )
+        for index, pair in enumerate(prefilled)
+    )

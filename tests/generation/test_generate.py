@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
-from keras_gemma2.generation.kv_cache import empty_cache, ring_from_linear, ring_size
+from keras_gemma2.generation.kv_cache import decode_cache, empty_cache, ring_size
 from keras_gemma2.models.backbone import layer_is_local
 from tests.conftest import TINY_BACKBONE_CONFIG
 
@@ -78,16 +78,7 @@ def test_cached_logits_equal_full_forward_at_every_position(causal_lm):
     )
     ring = ring_size(backbone, length)
     assert ring == TINY_BACKBONE_CONFIG["sliding_window_size"]
-    grow = [[0, 0], [0, 0], [0, length - prompt_length], [0, 0]]
-    cache = tuple(
-        tuple(
-            ring_from_linear(array, prompt_length - 1, ring)
-            if layer_is_local(i)
-            else ops.pad(array, grow)
-            for array in pair
-        )
-        for i, pair in enumerate(cache)
-    )
+    cache = decode_cache(backbone, cache, prompt_length - 1, length)
     for position in range(prompt_length, length):
         logits, _, cache = causal_lm.call_with_cache(
             token_ids[:, position : position + 1], cache, position
