@@ -358,7 +358,7 @@ def _average_rows_without_keys(outputs, value, padding_mask, sliding_window_size
     return ops.where(empty[:, :, None, None], uniform, outputs)
 
 
-def _masked_probabilities(logits, mask, soft_cap, dtype, dropout):
+def masked_probabilities(logits, mask, soft_cap, dtype, dropout):
     """Soft cap, mask and float32 softmax over the last axis, cast to `dtype`.
 
     logits: `[..., S]`; mask: bool, broadcastable to `logits`.
@@ -392,7 +392,7 @@ def reference_attention(query, key, value, mask, soft_cap=None, dropout=None):
         query, (batch_size, length, kv_heads, num_heads // kv_heads, head_dim)
     )  # [B, T, K, G, H]
     logits = ops.einsum("btkgh,bskh->bkgts", query, key)  # [B, K, G, T, S]
-    probabilities = _masked_probabilities(
+    probabilities = masked_probabilities(
         logits, mask[:, None, None], soft_cap, value.dtype, dropout
     )
     attended = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
@@ -489,7 +489,7 @@ def blocked_attention(
     mask = ops.logical_and(window, keys_real[:, :, :, None, :])
 
     logits = ops.matmul(query, ops.swapaxes(keys, -1, -2))  # [B, K, nb, G*c, span]
-    probabilities = _masked_probabilities(logits, mask, soft_cap, value.dtype, dropout)
+    probabilities = masked_probabilities(logits, mask, soft_cap, value.dtype, dropout)
     attended = ops.matmul(probabilities, values)  # [B, K, nb, G*c, H]
     attended = ops.reshape(
         attended, (batch_size, kv_heads, num_blocks, groups, block, head_dim)

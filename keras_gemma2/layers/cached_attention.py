@@ -13,9 +13,7 @@ kernel at every step).
 from keras import ops
 
 # The reference's soft cap, mask and float32 softmax, shared so both agree.
-from keras_gemma2.layers.attention_kernels import (
-    _masked_probabilities as masked_probabilities,
-)
+from keras_gemma2.layers.attention_kernels import masked_probabilities
 from keras_gemma2.layers.last_axis_product import last_axis_product
 
 
