@@ -137,6 +137,12 @@ BLOCKED_CASES = {
     "length_shorter_than_window": (4, 7, 4, 2, 3.0, True, None),
     "window_one": (9, 1, 2, 1, 3.0, True, None),
     "long_left_padding": (24, 4, 4, 2, 3.0, True, 8),
+    # Global layers (window None): causal blocks over key prefixes.
+    "global_blocks_divide_length_padded": (16, None, 4, 2, 3.0, True, 4),
+    "global_short_last_block_gqa1": (13, None, 2, 2, None, False, 5),
+    "global_one_query_per_block": (6, None, 4, 1, 2.0, True, 1),
+    "global_one_block": (7, None, 4, 2, 3.0, True, 8),
+    "global_long_left_padding": (24, None, 4, 2, 3.0, True, 8),
 }
 
 
@@ -145,8 +151,8 @@ def test_blocked_equals_reference_forward_and_gradients(case):
     length, window, heads, kv_heads, cap, padded, block = BLOCKED_CASES[case]
     q, k, v = random_inputs(2, length, heads, kv_heads)
     padding = holes(2, length, window) if padded else None
-    if case == "long_left_padding":
-        padding[0, :13] = 0  # rows 0..12 and the window after them see nothing
+    if case.endswith("long_left_padding"):
+        padding[0, :13] = 0  # rows 0..12 (and a window after them) see nothing
 
     def run(implementation):
         def function(q, k, v):
@@ -163,13 +169,38 @@ def test_blocked_equals_reference_forward_and_gradients(case):
 
         return value_and_grads(function, (q, k, v))
 
-    reference, reference_grads = run("reference")
-    blocked, blocked_grads = run("blocked")
+    with no_fallback():
+        reference, reference_grads = run("reference")
+        blocked, blocked_grads = run("blocked")
     expected = numpy_attention(q, k, v, window, cap, padding)
     np.testing.assert_allclose(reference, expected, atol=1e-5)
     np.testing.assert_allclose(blocked, expected, atol=1e-5)
     for name, got, want in zip("qkv", blocked_grads, reference_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_causal_blocked_computes_only_the_triangle(monkeypatch):
+    """Each query block sees only its key prefix: the logits are a triangle."""
+    widths = []
+    reference = attention_kernels.reference_attention
+
+    def recording(query, key, value, mask, soft_cap=None, dropout=None):
+        widths.append((query.shape[1], key.shape[1]))
+        return reference(query, key, value, mask, soft_cap, dropout)
+
+    monkeypatch.setattr(attention_kernels, "reference_attention", recording)
+    q, k, v = random_inputs(1, 10, 2, 1)
+    attention(q, k, v, implementation="blocked", block_size=4)
+    assert widths == [(4, 4), (4, 8), (2, 10)]  # 72 logits, not 100
+
+
+def test_causal_blocked_needs_a_static_length():
+    with pytest.raises(ValueError, match="static sequence length"):
+        attention_kernels.causal_blocked_attention(
+            keras.KerasTensor((1, None, 2, 4)),
+            keras.KerasTensor((1, None, 2, 4)),
+            keras.KerasTensor((1, None, 2, 4)),
+        )
 
 
 def test_rows_without_visible_keys_average_all_values():
@@ -349,8 +380,11 @@ def test_auto_choice():
     assert choose_implementation("auto", query_of(20), sliding_window_size=16) == (
         "reference"
     )
-    # Global layers: the reference.
-    assert choose_implementation("auto", query_of(64)) == "reference"
+    # Global layers: causal blocks from two blocks on, else the reference.
+    block = attention_kernels.GLOBAL_BLOCK_SIZE
+    assert choose_implementation("auto", query_of(2 * block - 1)) == "reference"
+    assert choose_implementation("auto", query_of(2 * block)) == "blocked"
+    assert choose_implementation("auto", query_of(64), block_size=32) == "blocked"
     # Long inputs without gradients: compiled flex on torch.
     long_query = query_of(FLEX_MIN_LENGTH)
     if BACKEND == "torch":
@@ -374,7 +408,9 @@ def test_explicit_choices():
     assert choose_implementation("reference", query_of(64), 16) == "reference"
     # "blocked" is honoured on every local layer, however short.
     assert choose_implementation("blocked", query_of(4), 16) == "blocked"
-    assert choose_implementation("blocked", query_of(64), None) == "reference"
+    assert choose_implementation("blocked", query_of(64), None) == "blocked"
+    dynamic = keras.KerasTensor((1, None, 2, 4))
+    assert choose_implementation("blocked", dynamic, None) == "reference"
     if BACKEND != "torch":
         with pytest.warns(UserWarning, match="needs the torch backend"):
             assert choose_implementation("flex", query_of(64), 16) == "blocked"
