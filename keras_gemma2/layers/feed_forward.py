@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma2.layers.projection import project
 from keras_gemma2.layers.validation import positive_int
 
 
@@ -50,8 +51,8 @@ class Gemma2FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        gate = keras.activations.gelu(self.gate_dense(x), approximate=True)
-        return self.down_dense(ops.multiply(gate, self.up_dense(x)))
+        gate = keras.activations.gelu(project(self.gate_dense, x), approximate=True)
+        return project(self.down_dense, ops.multiply(gate, project(self.up_dense, x)))
 
     def compute_output_shape(self, input_shape):
         return input_shape

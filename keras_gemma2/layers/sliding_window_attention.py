@@ -11,6 +11,7 @@ from keras_gemma2.layers.attention_kernels import (
 )
 from keras_gemma2.layers.attention_masks import attention_mask
 from keras_gemma2.layers.cached_attention import cached_attention
+from keras_gemma2.layers.projection import project
 from keras_gemma2.layers.rotary_embedding import rotary_embedding
 from keras_gemma2.layers.soft_capping import validate_soft_cap
 from keras_gemma2.layers.validation import positive_int, positive_number, unit_rate
@@ -189,9 +190,9 @@ class SlidingWindowAttention(keras.layers.Layer):
             cache_update_index, "int32"
         )
 
-        query = self.query_dense(hidden_states)  # [B, T, N, H]
-        key = self.key_dense(hidden_states)  # [B, T, K, H]
-        value = self.value_dense(hidden_states)  # [B, T, K, H]
+        query = project(self.query_dense, hidden_states)  # [B, T, N, H]
+        key = project(self.key_dense, hidden_states)  # [B, T, K, H]
+        value = project(self.value_dense, hidden_states)  # [B, T, K, H]
         query = rotary_embedding(query, query_positions, self.rope_max_wavelength)
         key = rotary_embedding(key, query_positions, self.rope_max_wavelength)
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
@@ -246,7 +247,7 @@ class SlidingWindowAttention(keras.layers.Layer):
             attended = cached_attention(
                 query, key_cache, value_cache, mask, self.attention_logit_soft_cap
             )  # [B, T, N, H]
-        outputs = self.output_dense(attended)  # [B, T, D]
+        outputs = project(self.output_dense, attended)  # [B, T, D]
         if cache is not None:
             return outputs, cache
         return outputs
