@@ -10,9 +10,10 @@ random token ids. Each implementation runs in a fresh process: "peak GB" is
 the highest resident set during `fit` (the peak mark is reset after the model
 is built, see `prefill.start_peak`), "first step s" includes compilation and
 "step s" is the median of the later steps (with `--steps 1`, the first step).
-`"auto"` runs the blocked kernel on the local layers (O(T * window) logits,
-in the forward and in what the backward keeps); `"reference"` builds the full
-`[T, T]` logits on every layer.
+`"auto"` runs the blocked kernels: O(T * window) logits on the local layers
+and causal query blocks (half the logits) on the global ones, in the forward
+and in what the backward keeps; `"reference"` builds the full `[T, T]`
+logits on every layer.
 """
 
 import argparse

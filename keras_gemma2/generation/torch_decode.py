@@ -87,12 +87,14 @@ class _Layer:
 
 
 def _rms_norm(x, gain_and_epsilon):
-    gain, epsilon = gain_and_epsilon
+    """`x * rsqrt(mean(x^2) + eps) * gain` in float32, as one torch kernel."""
     import torch
 
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + epsilon)
-    return (normed * gain).to(x.dtype)
+    gain, epsilon = gain_and_epsilon
+    normed = torch.nn.functional.rms_norm(
+        x.float(), (x.shape[-1],), weight=gain, eps=epsilon
+    )
+    return normed.to(x.dtype)
 
 
 def _soft_cap(x, cap):
@@ -191,8 +193,11 @@ class TorchDecoder:
         ):
             h = _rms_norm(x, layer.norms[0])
             query = (h @ layer.query).view(batch, -1, self.head_dim)  # [B, N, H]
-            query = self._rope(query, rotation)
-            key = self._rope((h @ layer.key).view(batch, -1, self.head_dim), rotation)
+            key = (h @ layer.key).view(batch, -1, self.head_dim)  # [B, K, H]
+            # Queries and keys rotate together: one set of kernels, not two.
+            query, key = self._rope(torch.cat([query, key], dim=1), rotation).split(
+                [query.shape[1], key.shape[1]], dim=1
+            )
             value = (h @ layer.value).view(batch, -1, self.head_dim)
             query = query * layer.scale
             slot = position % self.ring if local else position

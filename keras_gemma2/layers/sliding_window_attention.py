@@ -47,12 +47,14 @@ class SlidingWindowAttention(keras.layers.Layer):
         attention_implementation: string. How the attention core is computed:
             `"reference"` (masked full `[T, S]` logits), `"blocked"` (query
             blocks that read only the keys their window reaches: `O(T *
-            window)` for local layers), `"flex"` (PyTorch `flex_attention`),
-            `"fused"` (`keras.ops.dot_product_attention`; with a soft cap only
-            JAX on TPU) or `"auto"`, the fastest exact one for the backend.
-            All give the reference's result. A fast path that does not apply
-            (global layer for `"blocked"`, a cached decode step, an
-            unsupported backend) uses the portable one. See
+            window)` for local layers; on global layers each block reads
+            the keys up to its end, half the logits), `"flex"` (PyTorch
+            `flex_attention`), `"fused"` (`keras.ops.dot_product_attention`;
+            with a soft cap only JAX on TPU) or `"auto"`, the fastest exact
+            one for the backend. All give the reference's result. A fast
+            path that does not apply (a global layer of unknown length for
+            `"blocked"`, a cached decode step, an unsupported backend) uses
+            the portable one. See
             `keras_gemma2.layers.attention_kernels`. Defaults to `"auto"`.
 
     Call arguments:

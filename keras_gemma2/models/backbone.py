@@ -56,7 +56,8 @@ class Gemma2Backbone(keras_hub.models.Backbone):
             Defaults to `0.0`.
         attention_implementation: string. How every block computes attention:
             `"auto"` (the fastest exact path for the backend), `"reference"`,
-            `"blocked"` (`O(T * window)` local layers), `"flex"` (PyTorch) or
+            `"blocked"` (`O(T * window)` local layers, causal query blocks
+            on global ones), `"flex"` (PyTorch) or
             `"fused"` (`keras.ops.dot_product_attention`); all give the same
             result. See `SlidingWindowAttention`. Defaults to `"auto"`.
         dtype: string or `keras.DTypePolicy`. `"float32"` or `"bfloat16"`
