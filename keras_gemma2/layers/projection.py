@@ -79,7 +79,8 @@ def project(layer, x):
     >>> dense = keras.layers.EinsumDense("btd,dnh->btnh", (None, 2, 3))
     >>> x = np.ones((1, 1, 4), "float32")
     >>> dense.build(x.shape)
-    >>> bool(np.allclose(project(dense, x), dense(x)))
+    >>> to_numpy = keras.ops.convert_to_numpy
+    >>> bool(np.allclose(to_numpy(project(dense, x)), to_numpy(dense(x))))
     True
     """
     count = _single_row_axes(layer, x)
