@@ -100,7 +100,7 @@ def _rms_norm(x, gain_and_epsilon):
 def _soft_cap(x, cap):
     if cap is None:
         return x
-    return (x / cap).tanh() * cap
+    return (x / cap).tanh_().mul_(cap)
 
 
 class TorchDecoder:
@@ -147,32 +147,33 @@ class TorchDecoder:
         ).to(self.embeddings.device)
 
     def _rotation(self, position):
-        """RoPE `(cos, sin)` `[H]` for `position` (int), angles in float32."""
+        """RoPE `(cos, signed_sin)` `[H]` for `position` (int), angles in float32.
+
+        `signed_sin` is `[-sin, sin]` over the two halves, so that rotating is
+        `x * cos + roll(x, H / 2) * signed_sin`.
+        """
         import torch
 
         angles = position * self.inverse_frequencies  # [H/2], float32
-        angles = torch.cat([angles, angles])
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos]).to(self.dtype), torch.cat([-sin, sin]).to(
+            self.dtype
+        )
 
     def _rope(self, x, rotation):
-        """Rotate `x [B, heads, H]` by `rotation = (cos, sin)`."""
+        """Rotate `x [B, heads, H]` by `rotation = (cos, signed_sin)`."""
         import torch
 
-        cos, sin = rotation
-        half = self.head_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        cos, signed_sin = rotation
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), signed_sin)
 
-    def _attend(self, layer, query, keys, values, valid):
-        """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`."""
+    def _attend(self, layer, query, keys, values):
+        """`query [B, K, G, H]` over all of `keys, values [B, K, S, H]`."""
         import torch
 
         logits = torch.matmul(query, keys.transpose(-1, -2)).float()  # [B, K, G, S]
-        logits = _soft_cap(logits, layer.cap)
-        if valid is not None:
-            logits = logits.masked_fill(~valid, -1e9)
-        probabilities = torch.softmax(logits, dim=-1).to(values.dtype)
-        return torch.matmul(probabilities, values)  # [B, K, G, H]
+        probabilities = torch.softmax(_soft_cap(logits, layer.cap), dim=-1)
+        return torch.matmul(probabilities.to(values.dtype), values)  # [B, K, G, H]
 
     def logits(self, token, position):
         """Logits `[B, vocabulary]` of `token [B]` at `position` (int).
@@ -183,10 +184,10 @@ class TorchDecoder:
 
         batch = token.shape[0]
         x = self.embeddings[token] * self.embedding_scale  # [B, D]
-        slots = torch.arange(self.ring, device=x.device)
-        # Position held by each ring slot after this write; negative = empty.
-        ring_positions = position - torch.remainder(position - slots, self.ring)
-        ring_valid = ring_positions >= 0
+        # Slot s of a ring holds position s until the ring wraps, so a local
+        # layer reads the written prefix, as a global one does; once wrapped,
+        # every slot is in the window. No slot is ever masked.
+        local_span = min(position + 1, self.ring)
         rotation = self._rotation(position)
         for layer, local, (key_cache, value_cache) in zip(
             self.layers, self.local, self.caches, strict=True
@@ -201,16 +202,13 @@ class TorchDecoder:
             value = (h @ layer.value).view(batch, -1, self.head_dim)
             query = query * layer.scale
             slot = position % self.ring if local else position
-            key_cache[:, :, slot] = key.to(key_cache.dtype)  # [B, K, S, H]
-            value_cache[:, :, slot] = value.to(value_cache.dtype)
-            if local:
-                keys, values, valid = key_cache, value_cache, ring_valid
-            else:  # read exactly the positions written so far
-                keys = key_cache[:, :, : position + 1]
-                values = value_cache[:, :, : position + 1]
-                valid = None
+            key_cache[:, :, slot] = key  # [B, K, S, H]; assignment casts
+            value_cache[:, :, slot] = value
+            span = local_span if local else position + 1  # exactly what is written
             query = query.view(batch, self.kv_heads, self.groups, self.head_dim)
-            attended = self._attend(layer, query, keys, values, valid)
+            attended = self._attend(
+                layer, query, key_cache[:, :, :span], value_cache[:, :, :span]
+            )
             attended = attended.reshape(batch, -1) @ layer.output
             x = x + _rms_norm(attended, layer.norms[1])
             h = _rms_norm(x, layer.norms[2])
