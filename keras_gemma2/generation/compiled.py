@@ -13,8 +13,10 @@ compiled once per shape for the backend:
   node").
 - PyTorch: the prefill runs the Keras layers under `torch.no_grad()`, then
   `torch_decode.TorchDecoder` decodes with the same math on raw tensors and
-  preallocated caches (measured faster on CPU than the eager layers, and
-  than `torch.compile`, whose compile time dwarfs short generations).
+  preallocated caches (measured faster on CPU than the eager layers). With
+  `compile(jit_compile=True)` its step goes through `torch.compile`, once
+  per shape and global bucket: faster per token, but the compile time
+  dwarfs short generations, so eager is the default.
 
 Between segments the host checks whether every row is done and stops early.
 """
@@ -112,9 +114,14 @@ class GenerationProgram:
         prompt, caches, index, done = state
         prompt = prompt.clone()  # written in place; the caller's ids stay intact
         decoder = torch_decode.TorchDecoder(self.causal_lm, caches)
+        edges = bucket_edges(self.prefill_length, prompt.shape[1])
+        compiled = torch_decode.compiles(self.causal_lm)
         for position in range(int(index), prompt.shape[1]):
+            # The compiled step reads a bucket of global slots (as the
+            # segments of the other backends do); eager reads exactly.
+            span = next(e for e in edges if e >= position) if compiled else None
             prompt, done, token = decoder.step(
-                prompt, prompt_mask, position, done, self.stop_token_ids
+                prompt, prompt_mask, position, done, self.stop_token_ids, span
             )
             yield prompt, done, token
             if self.stop_token_ids is not None and bool(done.all()):

@@ -14,8 +14,10 @@ It computes what `Gemma2Backbone.compute_hidden_states` and
 `tests/generation/test_torch_decode.py` holds it to the portable path.
 `supports(causal_lm)` says when it applies: the torch backend and no
 quantized layer; otherwise the portable decode step runs eagerly.
+`compiles(causal_lm)` says when the step runs through `torch.compile`.
 """
 
+import functools
 import math
 
 import keras
@@ -35,6 +37,34 @@ def supports(causal_lm):
         layers += [attention.query_dense, attention.key_dense, attention.value_dense]
         layers += [attention.output_dense, ffw.gate_dense, ffw.up_dense, ffw.down_dense]
     return not any(getattr(layer, "quantization_mode", None) for layer in layers)
+
+
+def compiles(causal_lm):
+    """Whether `TorchDecoder` steps run through `torch.compile`.
+
+    Opt-in with `causal_lm.compile(jit_compile=True)` (Keras' own switch for
+    `torch.compile` on this backend). Eager is the default: on 2 CPU cores
+    the mid config of `benchmarks/generate.py` decodes about 20% faster
+    compiled, but each new shape (batch, length, global bucket) first costs
+    10-25 s of compilation, more than a short generation takes in all.
+    """
+    return supports(causal_lm) and causal_lm.jit_compile is True
+
+
+def _bucketed_logits(decoder, token, position, global_span):
+    return decoder.logits(token, position, global_span)
+
+
+@functools.cache
+def _compiled_logits():
+    """`_bucketed_logits` through `torch.compile`, one program per shape.
+
+    The decoder's tensors are inputs of the program, not constants: a new
+    decoder (the next `generate` call) with the same shapes reuses it.
+    """
+    import torch
+
+    return torch.compile(_bucketed_logits, dynamic=False)
 
 
 def _tensor(variable, dtype):
@@ -97,6 +127,14 @@ def _rms_norm(x, gain_and_epsilon):
     return normed.to(x.dtype)
 
 
+def _write(cache, slot, value):
+    """Write `value [B, K, H]` into slot `slot` (int or 0-d tensor) of `cache`."""
+    if isinstance(slot, int):
+        cache[:, :, slot] = value  # assignment casts to the cache dtype
+    else:
+        cache.index_copy_(2, slot.reshape(1), value.unsqueeze(2).to(cache.dtype))
+
+
 def _soft_cap(x, cap):
     if cap is None:
         return x
@@ -113,8 +151,8 @@ class TorchDecoder:
             global ones. The decoder writes new keys and values into them in
             place.
 
-    `step(...)` behaves as `decode.decode_step`, reading exactly the written
-    global positions.
+    `step(...)` behaves as `decode.decode_step`. Eager, it reads exactly
+    the written slots; compiled (`compiles`), fixed buckets of them, masked.
     """
 
     def __init__(self, causal_lm, caches):
@@ -167,27 +205,50 @@ class TorchDecoder:
         cos, signed_sin = rotation
         return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), signed_sin)
 
-    def _attend(self, layer, query, keys, values):
-        """`query [B, K, G, H]` over all of `keys, values [B, K, S, H]`."""
+    def _attend(self, layer, query, keys, values, valid=None):
+        """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`."""
         import torch
 
         logits = torch.matmul(query, keys.transpose(-1, -2)).float()  # [B, K, G, S]
-        probabilities = torch.softmax(_soft_cap(logits, layer.cap), dim=-1)
+        logits = _soft_cap(logits, layer.cap)
+        if valid is not None:
+            logits = logits.masked_fill(~valid, -1e9)
+        probabilities = torch.softmax(logits, dim=-1)
         return torch.matmul(probabilities.to(values.dtype), values)  # [B, K, G, H]
 
-    def logits(self, token, position):
-        """Logits `[B, vocabulary]` of `token [B]` at `position` (int).
+    def logits(self, token, position, global_span=None):
+        """Logits `[B, vocabulary]` of `token [B]` at `position`.
 
         Writes the token's keys and values into the caches.
+
+        Args:
+            token: int `[B]`.
+            position: an int, or (with `global_span`) an int 0-d tensor.
+            global_span: `None` to read exactly the written slots (eager);
+                otherwise a static int `> position`: global layers read that
+                many slots and rings all their slots, masking the unwritten
+                ones, so the shapes stay fixed from one position to the next
+                (what `torch.compile` needs to compile once per bucket).
         """
         import torch
 
         batch = token.shape[0]
         x = self.embeddings[token] * self.embedding_scale  # [B, D]
-        # Slot s of a ring holds position s until the ring wraps, so a local
-        # layer reads the written prefix, as a global one does; once wrapped,
-        # every slot is in the window. No slot is ever masked.
-        local_span = min(position + 1, self.ring)
+        if global_span is None:
+            # Slot s of a ring holds position s until the ring wraps, so a
+            # local layer reads the written prefix, as a global one does;
+            # once wrapped, every slot is in the window. No slot is masked.
+            spans = (min(position + 1, self.ring), position + 1)
+            valid = (None, None)
+        else:
+            spans = (self.ring, global_span)
+            slots = torch.arange(self.ring, device=x.device)
+            # Position each ring slot holds after this write; < 0: empty.
+            ring_positions = position - torch.remainder(position - slots, self.ring)
+            valid = (
+                ring_positions >= 0,
+                torch.arange(global_span, device=x.device) <= position,
+            )
         rotation = self._rotation(position)
         for layer, local, (key_cache, value_cache) in zip(
             self.layers, self.local, self.caches, strict=True
@@ -202,12 +263,16 @@ class TorchDecoder:
             value = (h @ layer.value).view(batch, -1, self.head_dim)
             query = query * layer.scale
             slot = position % self.ring if local else position
-            key_cache[:, :, slot] = key  # [B, K, S, H]; assignment casts
-            value_cache[:, :, slot] = value
-            span = local_span if local else position + 1  # exactly what is written
+            _write(key_cache, slot, key)  # [B, K, S, H]
+            _write(value_cache, slot, value)
+            span = spans[0] if local else spans[1]
             query = query.view(batch, self.kv_heads, self.groups, self.head_dim)
             attended = self._attend(
-                layer, query, key_cache[:, :, :span], value_cache[:, :, :span]
+                layer,
+                query,
+                key_cache[:, :, :span],
+                value_cache[:, :, :span],
+                valid[0] if local else valid[1],
             )
             attended = attended.reshape(batch, -1) @ layer.output
             x = x + _rms_norm(attended, layer.norms[1])
@@ -217,13 +282,22 @@ class TorchDecoder:
         x = _rms_norm(x, self.final_norm)
         return _soft_cap(x @ self.embeddings.T, self.final_cap)
 
-    def step(self, prompt, prompt_mask, index, done, stop_token_ids):
-        """As `decode.decode_step` for an int `index`: `(prompt, done, token)`."""
+    def step(self, prompt, prompt_mask, index, done, stop_token_ids, global_span=None):
+        """As `decode.decode_step` for an int `index`: `(prompt, done, token)`.
+
+        With `global_span` (a static int `>= index`), the logits come from the
+        compiled, bucketed program (see `compiles`).
+        """
         import torch
 
         sampler = self.causal_lm.sampler
         with torch.no_grad():
-            logits = self.logits(prompt[:, index - 1], index - 1)
+            token = prompt[:, index - 1]
+            if global_span is None:
+                logits = self.logits(token, index - 1)
+            else:
+                position = torch.tensor(index - 1, device=token.device)
+                logits = _compiled_logits()(self, token, position, global_span)
             probabilities = sampler.compute_probabilities(logits)
             token = sampler.get_next_token(probabilities).to(prompt.dtype)
         forced = prompt_mask[:, index]

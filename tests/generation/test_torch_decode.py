@@ -17,8 +17,12 @@ pytestmark = pytest.mark.skipif(
 LENGTH = 20  # the tiny window is 5: decoding runs far past it
 
 
-def fast_and_portable_logits(causal_lm, token_ids, prompt_length):
-    """Logits of every decode position from TorchDecoder and from the layers."""
+def fast_and_portable_logits(causal_lm, token_ids, prompt_length, bucketed=False):
+    """Logits of every decode position from TorchDecoder and from the layers.
+
+    `bucketed`: run the step as the compiled path does (tensor position,
+    global layers reading the whole `max_length` bucket, masked), eagerly.
+    """
     import torch
 
     full = ops.convert_to_numpy(
@@ -34,12 +38,14 @@ def fast_and_portable_logits(causal_lm, token_ids, prompt_length):
             prompt_length,
         )
         decoder = torch_decode.TorchDecoder(causal_lm, state[1])
-        fast = [
-            ops.convert_to_numpy(
-                decoder.logits(ops.convert_to_tensor(token_ids[:, p]), p)
-            )
-            for p in range(prompt_length - 1, token_ids.shape[1])
-        ]
+        fast = []
+        for p in range(prompt_length - 1, token_ids.shape[1]):
+            token = ops.convert_to_tensor(token_ids[:, p])
+            if bucketed:
+                logits = decoder.logits(token, torch.tensor(p), token_ids.shape[1])
+            else:
+                logits = decoder.logits(token, p)
+            fast.append(ops.convert_to_numpy(logits))
     return np.stack(fast, axis=1), full[:, prompt_length - 1 :]
 
 
@@ -48,6 +54,40 @@ def test_logits_equal_the_layers_at_every_position_past_the_window():
     token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH)).astype("int32")
     fast, full = fast_and_portable_logits(causal_lm, token_ids, prompt_length=4)
     np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+def test_bucketed_step_equals_the_layers_at_every_position_past_the_window():
+    causal_lm = make_causal_lm()
+    token_ids = np.random.RandomState(5).randint(0, 96, (2, LENGTH)).astype("int32")
+    fast, full = fast_and_portable_logits(
+        causal_lm, token_ids, prompt_length=4, bucketed=True
+    )
+    np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+def test_jit_compile_decodes_as_eager_and_compiles_once_per_shape():
+    from torch._dynamo.utils import counters
+
+    causal_lm = make_causal_lm()
+    token_ids = np.zeros((2, 12), "int32")
+    token_ids[0, :3] = [2, 7, 9]
+    token_ids[1, :2] = [2, 40]
+    inputs = {"token_ids": token_ids, "padding_mask": (token_ids != 0).astype("int32")}
+    eager = causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    causal_lm.compile(sampler="greedy", jit_compile=True)
+    assert torch_decode.compiles(causal_lm)
+    graphs = counters["stats"]["unique_graphs"]
+    first = causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    compiled_graphs = counters["stats"]["unique_graphs"] - graphs
+    second = causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    assert compiled_graphs >= 1  # it did go through torch.compile
+    assert counters["stats"]["unique_graphs"] - graphs == compiled_graphs
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(first), ops.convert_to_numpy(eager)
+    )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(second), ops.convert_to_numpy(eager)
+    )
 
 
 def test_lora_kernels_are_merged():
