@@ -185,7 +185,9 @@ class TorchDecoder:
         ).to(self.embeddings.device)
 
     def _rotation(self, position):
-        """RoPE `(cos, signed_sin)` `[H]` for `position` (int), angles in float32.
+        """RoPE `(cos, signed_sin)` `[H]` at `position` (int or 0-d tensor).
+
+        The angles are computed in float32, then cast to the compute dtype.
 
         `signed_sin` is `[-sin, sin]` over the two halves, so that rotating is
         `x * cos + roll(x, H / 2) * signed_sin`.
