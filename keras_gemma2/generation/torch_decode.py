@@ -19,6 +19,7 @@ quantized layer; otherwise the portable decode step runs eagerly.
 
 import functools
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -53,6 +54,11 @@ def compiles(causal_lm):
 
 def _bucketed_logits(decoder, token, position, global_span):
     return decoder.logits(token, position, global_span)
+
+
+# Set once `torch.compile` failed in this process (say, no C++ compiler
+# for its CPU code): later steps decode eagerly instead of retrying.
+_COMPILE_FAILURES = []
 
 
 @functools.cache
@@ -284,6 +290,22 @@ class TorchDecoder:
         x = _rms_norm(x, self.final_norm)
         return _soft_cap(x @ self.embeddings.T, self.final_cap)
 
+    def _compiled(self, token, position, global_span):
+        """`logits` through the compiled program; eager if it cannot compile."""
+        import torch
+
+        if not _COMPILE_FAILURES:
+            try:
+                return _compiled_logits()(self, token, position, global_span)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                _COMPILE_FAILURES.append(error)
+                warnings.warn(
+                    "jit_compile=True: torch.compile could not compile the "
+                    f"decode step ({error}); decoding eagerly instead.",
+                    stacklevel=2,
+                )
+        return self.logits(token, position, global_span)
+
     def step(self, prompt, prompt_mask, index, done, stop_token_ids, global_span=None):
         """As `decode.decode_step` for an int `index`: `(prompt, done, token)`.
 
@@ -299,7 +321,7 @@ class TorchDecoder:
                 logits = self.logits(token, index - 1)
             else:
                 position = torch.tensor(index - 1, device=token.device)
-                logits = _compiled_logits()(self, token, position, global_span)
+                logits = self._compiled(token, position, global_span)
             probabilities = sampler.compute_probabilities(logits)
             token = sampler.get_next_token(probabilities).to(prompt.dtype)
         forced = prompt_mask[:, index]

@@ -90,6 +90,30 @@ def test_jit_compile_decodes_as_eager_and_compiles_once_per_shape():
     )
 
 
+def test_jit_compile_falls_back_to_eager_when_torch_compile_fails(monkeypatch):
+    import torch
+
+    def no_compiler(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(
+            "inductor", RuntimeError("no working C++ compiler"), None
+        )
+
+    monkeypatch.setattr(torch_decode, "_compiled_logits", lambda: no_compiler)
+    monkeypatch.setattr(torch_decode, "_COMPILE_FAILURES", [])
+    causal_lm = make_causal_lm()
+    token_ids = np.zeros((1, 10), "int32")
+    token_ids[0, :2] = [2, 7]
+    inputs = {"token_ids": token_ids, "padding_mask": (token_ids != 0).astype("int32")}
+    eager = causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    causal_lm.compile(sampler="greedy", jit_compile=True)
+    with pytest.warns(UserWarning, match="no working C\\+\\+ compiler"):
+        fallback = causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(fallback), ops.convert_to_numpy(eager)
+    )
+    assert len(torch_decode._COMPILE_FAILURES) == 1  # tried once, not per step
+
+
 def test_lora_kernels_are_merged():
     causal_lm = make_causal_lm()
     causal_lm.backbone.enable_lora(2)
