@@ -6,7 +6,8 @@ through the layers against ~90 for the same matmuls on raw tensors, mid
 config on 2 CPU cores). `TorchDecoder` runs one decode step as plain torch
 operations on the model's own variables (views, no copies), writing into
 the prefilled caches in place (`[batch, kv_heads, slots, head_dim]`, read
-without transposes).
+without transposes). `prefill` fills those caches the same way from a
+prompt that fits in a local layer's ring (60 -> 25 ms for 32 tokens there).
 
 It computes what `Gemma2Backbone.compute_hidden_states` and
 `Gemma2CausalLM.call_with_cache` compute for one token, in the same dtypes
@@ -24,6 +25,8 @@ import warnings
 import keras
 from keras import ops
 
+from keras_gemma2.generation import decode
+from keras_gemma2.generation.kv_cache import empty_cache, ring_size
 from keras_gemma2.models.backbone import layer_is_local
 
 
@@ -71,6 +74,30 @@ def _compiled_logits():
     import torch
 
     return torch.compile(_bucketed_logits, dynamic=False)
+
+
+def prefill(causal_lm, token_ids, padding_mask, prefill_length):
+    """`decode.prefill` for `TorchDecoder`: the same state, raw tensors.
+
+    A prompt that fits in a local layer's ring (`prefill_length <= ring`)
+    is prefilled by `TorchDecoder.prefill`, straight into the decode
+    layout; per-layer Keras call overhead is then most of a short prefill's
+    cost. Longer prompts go through the layers (`decode.prefill`), whose
+    blocked attention kernels they need.
+    """
+    import torch
+
+    backbone = causal_lm.backbone
+    batch_size, max_length = token_ids.shape
+    ring = ring_size(backbone, max_length)
+    if prefill_length > ring:
+        return decode.prefill(causal_lm, token_ids, padding_mask, prefill_length)
+    caches = empty_cache(backbone, batch_size, ring, max_length)
+    TorchDecoder(causal_lm, caches).prefill(token_ids[:, :prefill_length])
+    # First position to generate: every row has a real token before it.
+    index = padding_mask.bool().sum(dim=-1).min().to(torch.int32)
+    done = torch.zeros((batch_size,), dtype=torch.bool, device=token_ids.device)
+    return token_ids, caches, index, done
 
 
 def _tensor(variable, dtype):
@@ -191,7 +218,7 @@ class TorchDecoder:
         ).to(self.embeddings.device)
 
     def _rotation(self, position):
-        """RoPE `(cos, signed_sin)` `[H]` at `position` (int or 0-d tensor).
+        """RoPE `(cos, signed_sin)` `[..., H]` at `position` (int or tensor).
 
         The angles are computed in float32, then cast to the compute dtype.
 
@@ -200,10 +227,11 @@ class TorchDecoder:
         """
         import torch
 
-        angles = position * self.inverse_frequencies  # [H/2], float32
+        angles = position * self.inverse_frequencies  # [..., H/2], float32
         cos, sin = angles.cos(), angles.sin()
-        return torch.cat([cos, cos]).to(self.dtype), torch.cat([-sin, sin]).to(
-            self.dtype
+        return (
+            torch.cat([cos, cos], dim=-1).to(self.dtype),
+            torch.cat([-sin, sin], dim=-1).to(self.dtype),
         )
 
     def _rope(self, x, rotation):
@@ -214,7 +242,10 @@ class TorchDecoder:
         return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), signed_sin)
 
     def _attend(self, layer, query, keys, values, valid=None):
-        """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`."""
+        """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`.
+
+        Also `query [B, K, G, L, H]` over `[B, K, 1, S, H]`, `valid [L, S]`.
+        """
         import torch
 
         logits = torch.matmul(query, keys.transpose(-1, -2)).float()  # [B, K, G, S]
@@ -223,6 +254,53 @@ class TorchDecoder:
             logits = logits.masked_fill(~valid, -1e9)
         probabilities = torch.softmax(logits, dim=-1)
         return torch.matmul(probabilities.to(values.dtype), values)  # [B, K, G, H]
+
+    def prefill(self, token_ids):
+        """Run `token_ids [B, L]` (positions `0 .. L - 1`) and cache them.
+
+        Requires `L <= ring`: every key is then inside every query's window,
+        so local and global layers alike attend causally, and position `p`
+        goes to slot `p` of rings and global caches alike.
+        """
+        import torch
+
+        batch, length = token_ids.shape
+        if length > self.ring:
+            raise ValueError(
+                f"`token_ids` has {length} positions; TorchDecoder.prefill takes "
+                f"at most the ring's {self.ring}."
+            )
+        x = self.embeddings[token_ids] * self.embedding_scale  # [B, L, D]
+        positions = torch.arange(length, device=x.device)
+        rotation = self._rotation(positions[:, None])  # [L, H] each
+        hidden = (batch, length, -1, self.head_dim)
+        for layer, (key_cache, value_cache) in zip(
+            self.layers, self.caches, strict=True
+        ):
+            h = _rms_norm(x, layer.norms[0])
+            query = (h @ layer.query).view(hidden).transpose(1, 2)  # [B, N, L, H]
+            key = (h @ layer.key).view(hidden).transpose(1, 2)  # [B, K, L, H]
+            query, key = self._rope(torch.cat([query, key], dim=1), rotation).split(
+                [query.shape[1], key.shape[1]], dim=1
+            )
+            value = (h @ layer.value).view(hidden).transpose(1, 2)
+            query = query * layer.scale
+            key_cache[:, :, :length] = key
+            value_cache[:, :, :length] = value
+            query = query.reshape(batch, self.kv_heads, self.groups, length, -1)
+            attended = self._attend(
+                layer,
+                query,
+                key[:, :, None],
+                value[:, :, None],
+                positions[:, None] >= positions[None, :],  # causal [L, L]
+            )  # [B, K, G, L, H]
+            attended = attended.reshape(batch, -1, length, self.head_dim)
+            attended = attended.transpose(1, 2).reshape(batch, length, -1)
+            x = x + _rms_norm(attended @ layer.output, layer.norms[1])
+            h = _rms_norm(x, layer.norms[2])
+            gate = torch.nn.functional.gelu(h @ layer.gate, approximate="tanh")
+            x = x + _rms_norm((gate * (h @ layer.up)) @ layer.down, layer.norms[3])
 
     def logits(self, token, position, global_span=None):
         """Logits `[B, vocabulary]` of `token [B]` at `position`.

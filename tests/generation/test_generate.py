@@ -129,8 +129,9 @@ def test_stop_token_masks_what_follows(causal_lm):
 
 @pytest.mark.skipif(
     keras.config.backend() == "torch",
-    reason="torch traces nothing: the prefill runs the layers eagerly and "
-    "TorchDecoder decodes on raw tensors (tests/generation/test_torch_decode.py)",
+    reason="torch traces nothing by default: prefill and decode run eagerly on "
+    "raw tensors; its jit_compile path has its own once-per-shape test "
+    "(tests/generation/test_torch_decode.py)",
 )
 def test_compiled_once_per_shape(monkeypatch):
     """A second call with the same shapes traces no phase again."""

@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_gemma2.generation import torch_decode
 from keras_gemma2.generation.decode import prefill
+from keras_gemma2.generation.kv_cache import empty_cache
 from tests.generation.test_generate import make_causal_lm
 
 pytestmark = pytest.mark.skipif(
@@ -17,26 +18,33 @@ pytestmark = pytest.mark.skipif(
 LENGTH = 20  # the tiny window is 5: decoding runs far past it
 
 
-def fast_and_portable_logits(causal_lm, token_ids, prompt_length, bucketed=False):
+def fast_and_portable_logits(
+    causal_lm, token_ids, prompt_length, bucketed=False, raw_prefill=False
+):
     """Logits of every decode position from TorchDecoder and from the layers.
 
+    `prompt_length`: an int, or one per row (right-padded prompts; decoding
+    starts after the shortest, teacher-forced).
     `bucketed`: run the step as the compiled path does (tensor position,
     global layers reading the whole `max_length` bucket, masked), eagerly.
+    `raw_prefill`: prefill with `torch_decode.prefill`, not the layers.
     """
     import torch
 
     full = ops.convert_to_numpy(
         causal_lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
     )
-    padding_mask = np.zeros_like(token_ids)
-    padding_mask[:, :prompt_length] = 1
+    lengths = np.broadcast_to(prompt_length, (token_ids.shape[0],))
+    padding_mask = (np.arange(token_ids.shape[1]) < lengths[:, None]).astype("int32")
+    prompt_length = int(lengths.min())
     with torch.no_grad():
-        state = prefill(
+        state = (torch_decode.prefill if raw_prefill else prefill)(
             causal_lm,
             ops.convert_to_tensor(token_ids),
             ops.convert_to_tensor(padding_mask),
-            prompt_length,
+            int(lengths.max()),
         )
+        assert int(state[2]) == prompt_length
         decoder = torch_decode.TorchDecoder(causal_lm, state[1])
         fast = []
         for p in range(prompt_length - 1, token_ids.shape[1]):
@@ -54,6 +62,39 @@ def test_logits_equal_the_layers_at_every_position_past_the_window():
     token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH)).astype("int32")
     fast, full = fast_and_portable_logits(causal_lm, token_ids, prompt_length=4)
     np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["eager", "bucketed"])
+def test_raw_prefill_of_uneven_prompts_then_decode_equal_the_layers(bucketed):
+    causal_lm = make_causal_lm()
+    token_ids = np.random.RandomState(6).randint(0, 96, (3, LENGTH)).astype("int32")
+    # The ring holds 5 slots: prompts of up to 5 tokens take the raw prefill.
+    fast, full = fast_and_portable_logits(
+        causal_lm, token_ids, [5, 2, 4], bucketed=bucketed, raw_prefill=True
+    )
+    np.testing.assert_allclose(fast, full, atol=1e-5)
+
+
+def test_raw_prefill_leaves_prompts_longer_than_the_ring_to_the_layers(monkeypatch):
+    causal_lm = make_causal_lm()
+    raw = []
+    original = torch_decode.TorchDecoder.prefill
+    monkeypatch.setattr(
+        torch_decode.TorchDecoder,
+        "prefill",
+        lambda self, ids: raw.append(ids.shape) or original(self, ids),
+    )
+    token_ids = np.random.RandomState(7).randint(0, 96, (1, LENGTH)).astype("int32")
+    fast, full = fast_and_portable_logits(causal_lm, token_ids, 8, raw_prefill=True)
+    np.testing.assert_allclose(fast, full, atol=1e-5)
+    assert raw == []  # 8 > 5 ring slots: the layers prefilled
+    fast_and_portable_logits(causal_lm, token_ids, 5, raw_prefill=True)
+    assert [tuple(shape) for shape in raw] == [(1, 5)]
+    with pytest.raises(ValueError, match="has 6 positions.*at most the ring's 5"):
+        decoder = torch_decode.TorchDecoder(
+            causal_lm, empty_cache(causal_lm.backbone, 1, 5, LENGTH)
+        )
+        decoder.prefill(ops.convert_to_tensor(token_ids[:, :6]))
 
 
 def test_bucketed_step_equals_the_layers_at_every_position_past_the_window():
