@@ -155,7 +155,8 @@ def test_jit_compile_falls_back_to_eager_when_torch_compile_fails(monkeypatch):
     assert len(torch_decode._COMPILE_FAILURES) == 1  # tried once, not per step
 
 
-def test_lora_kernels_are_merged():
+@pytest.mark.parametrize("raw_prefill", [False, True], ids=["layers", "raw"])
+def test_lora_kernels_are_merged(raw_prefill):
     causal_lm = make_causal_lm()
     causal_lm.backbone.enable_lora(2)
     rng = np.random.RandomState(4)
@@ -163,7 +164,9 @@ def test_lora_kernels_are_merged():
         if "lora" in variable.path:
             variable.assign(rng.normal(0.0, 0.3, tuple(variable.shape)))
     token_ids = rng.randint(0, 96, (1, 12)).astype("int32")
-    fast, full = fast_and_portable_logits(causal_lm, token_ids, prompt_length=3)
+    fast, full = fast_and_portable_logits(
+        causal_lm, token_ids, prompt_length=3, raw_prefill=raw_prefill
+    )
     np.testing.assert_allclose(fast, full, atol=1e-5)
 
 
