@@ -48,7 +48,7 @@ def compiles(causal_lm):
 
     Opt-in with `causal_lm.compile(jit_compile=True)` (Keras' own switch for
     `torch.compile` on this backend). Eager is the default: on 2 CPU cores
-    the mid config of `benchmarks/generate.py` decodes about 20% faster
+    the mid config of `benchmarks/generate.py` decodes about 15% faster
     compiled, but each new shape (batch, length, global bucket) first costs
     10-25 s of compilation, more than a short generation takes in all.
     """

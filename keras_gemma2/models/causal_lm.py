@@ -166,9 +166,9 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         On the torch backend, `jit_compile=True` (Keras' switch for
         `torch.compile`) also compiles `generate`'s decode step, once per
         batch size, length and bucket of global cache slots. Each such shape
-        first costs 10-25 s of compilation on CPU, then tokens come about
-        20% faster; the default decodes eagerly, which is quicker for all
-        but long-running use.
+        first costs 10-25 s of compilation on CPU, then each decode step is
+        about 15% faster; the default decodes eagerly, which is quicker for
+        all but long-running use.
         """
         super().compile(
             optimizer=optimizer,
