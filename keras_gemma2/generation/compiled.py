@@ -59,29 +59,34 @@ class GenerationProgram:
         return self._compiled[key]
 
     def _prefill(self, inputs):
-        """`(prompt_mask, max_length, state)` after the compiled prefill."""
+        """`(prompt_mask, max_length, state, decoder)` after the prefill.
+
+        `decoder` is the `torch_decode.TorchDecoder` that decodes on torch's
+        fast path, else `None` (the compiled segments decode).
+        """
         token_ids = ops.convert_to_tensor(inputs["token_ids"])
         padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
+        decoder = None
         if torch_decode.supports(self.causal_lm):
             import torch
 
             with torch.no_grad():
-                state = torch_decode.prefill(
+                state, decoder = torch_decode.prefill(
                     self.causal_lm, token_ids, padding_mask, self.prefill_length
                 )
-            return ops.cast(padding_mask, "bool"), token_ids.shape[1], state
-        run = self._phase(
-            "prefill",
-            lambda args: prefill(self.causal_lm, *args, self.prefill_length),
-        )
-        state = run((token_ids, padding_mask))
-        return ops.cast(padding_mask, "bool"), token_ids.shape[1], state
+        else:
+            run = self._phase(
+                "prefill",
+                lambda args: prefill(self.causal_lm, *args, self.prefill_length),
+            )
+            state = run((token_ids, padding_mask))
+        return ops.cast(padding_mask, "bool"), token_ids.shape[1], state, decoder
 
     def __call__(self, inputs):
         """Complete `inputs` (`{"token_ids", "padding_mask"}`), as one batch."""
-        prompt_mask, max_length, state = self._prefill(inputs)
-        if torch_decode.supports(self.causal_lm):
-            prompt = self._torch_decode(state, prompt_mask)
+        prompt_mask, max_length, state, decoder = self._prefill(inputs)
+        if decoder is not None:
+            prompt = self._torch_decode(state, prompt_mask, decoder)
             return finish(prompt, prompt_mask, self.stop_token_ids)
         for edge in bucket_edges(self.prefill_length, max_length):
             if bool(ops.convert_to_numpy(ops.all(state[-1]))):
@@ -97,9 +102,9 @@ class GenerationProgram:
 
     def stream(self, inputs):
         """Yield each new token id (int) of a one-row batch as it is sampled."""
-        prompt_mask, max_length, state = self._prefill(inputs)
-        if torch_decode.supports(self.causal_lm):
-            for _, _, token in self._torch_tokens(state, prompt_mask):
+        prompt_mask, max_length, state, decoder = self._prefill(inputs)
+        if decoder is not None:
+            for _, _, token in self._torch_tokens(state, prompt_mask, decoder):
                 yield int(token[0])
             return
         length = int(ops.convert_to_numpy(state[2]))
@@ -118,11 +123,10 @@ class GenerationProgram:
             if self.stop_token_ids is not None and token in self.stop_token_ids:
                 return
 
-    def _torch_tokens(self, state, prompt_mask):
+    def _torch_tokens(self, state, prompt_mask, decoder):
         """The torch fast path; yields `(prompt, done, token)` after each step."""
-        prompt, caches, index, done = state
+        prompt, _, index, done = state
         prompt = prompt.clone()  # written in place; the caller's ids stay intact
-        decoder = torch_decode.TorchDecoder(self.causal_lm, caches)
         edges = bucket_edges(self.prefill_length, prompt.shape[1])
         compiled = torch_decode.compiles(self.causal_lm)
         for position in range(int(index), prompt.shape[1]):
@@ -136,9 +140,9 @@ class GenerationProgram:
             if self.stop_token_ids is not None and bool(done.all()):
                 return
 
-    def _torch_decode(self, state, prompt_mask):
+    def _torch_decode(self, state, prompt_mask, decoder):
         prompt = state[0]
-        for step in self._torch_tokens(state, prompt_mask):
+        for step in self._torch_tokens(state, prompt_mask, decoder):
             prompt = step[0]
         return prompt
 

@@ -55,10 +55,6 @@ def compiles(causal_lm):
     return supports(causal_lm) and causal_lm.jit_compile is True
 
 
-def _bucketed_logits(decoder, token, position, global_span):
-    return decoder.logits(token, position, global_span)
-
-
 # Set once `torch.compile` failed in this process (say, no C++ compiler
 # for its CPU code): later steps decode eagerly instead of retrying.
 _COMPILE_FAILURES = []
@@ -66,24 +62,26 @@ _COMPILE_FAILURES = []
 
 @functools.cache
 def _compiled_logits():
-    """`_bucketed_logits` through `torch.compile`, one program per shape.
+    """`TorchDecoder.logits` through `torch.compile`, one program per shape.
 
     The decoder's tensors are inputs of the program, not constants: a new
     decoder (the next `generate` call) with the same shapes reuses it.
     """
     import torch
 
-    return torch.compile(_bucketed_logits, dynamic=False)
+    return torch.compile(TorchDecoder.logits, dynamic=False)
 
 
 def prefill(causal_lm, token_ids, padding_mask, prefill_length):
-    """`decode.prefill` for `TorchDecoder`: the same state, raw tensors.
+    """`decode.prefill` for `TorchDecoder`: `(state, decoder)`.
 
-    A prompt that fits in a local layer's ring (`prefill_length <= ring`)
-    is prefilled by `TorchDecoder.prefill`, straight into the decode
-    layout; per-layer Keras call overhead is then most of a short prefill's
-    cost. Longer prompts go through the layers (`decode.prefill`), whose
-    blocked attention kernels they need.
+    `state` is what `decode.prefill` returns; `decoder` the `TorchDecoder`
+    over its caches, built once for the whole generation. A prompt that fits
+    in a local layer's ring (`prefill_length <= ring`) is prefilled by
+    `TorchDecoder.prefill`, straight into the decode layout; per-layer Keras
+    call overhead is then most of a short prefill's cost. Longer prompts go
+    through the layers (`decode.prefill`), whose blocked attention kernels
+    they need.
     """
     import torch
 
@@ -91,13 +89,16 @@ def prefill(causal_lm, token_ids, padding_mask, prefill_length):
     batch_size, max_length = token_ids.shape
     ring = ring_size(backbone, max_length)
     if prefill_length > ring:
-        return decode.prefill(causal_lm, token_ids, padding_mask, prefill_length)
-    caches = empty_cache(backbone, batch_size, ring, max_length)
-    TorchDecoder(causal_lm, caches).prefill(token_ids[:, :prefill_length])
+        state = decode.prefill(causal_lm, token_ids, padding_mask, prefill_length)
+        return state, TorchDecoder(causal_lm, state[1])
+    decoder = TorchDecoder(
+        causal_lm, empty_cache(backbone, batch_size, ring, max_length)
+    )
+    decoder.prefill(token_ids[:, :prefill_length])
     # First position to generate: every row has a real token before it.
     index = padding_mask.bool().sum(dim=-1).min().to(torch.int32)
     done = torch.zeros((batch_size,), dtype=torch.bool, device=token_ids.device)
-    return token_ids, caches, index, done
+    return (token_ids, decoder.caches, index, done), decoder
 
 
 def _tensor(variable, dtype):
@@ -146,7 +147,6 @@ class _Layer:
         # Rounded to the compute dtype first, as the layer does.
         self.scale = _tensor(attention.query_pre_attn_scalar**-0.5, dtype)
         self.cap = attention.attention_logit_soft_cap
-        self.window = attention.sliding_window_size
 
 
 def _rms_norm(x, gain_and_epsilon):
@@ -235,11 +235,39 @@ class TorchDecoder:
         )
 
     def _rope(self, x, rotation):
-        """Rotate `x [B, heads, H]` by `rotation = (cos, signed_sin)`."""
+        """Rotate `x [..., H]` by `rotation = (cos, signed_sin)` (broadcast)."""
         import torch
 
         cos, signed_sin = rotation
         return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), signed_sin)
+
+    def _attention_inputs(self, layer, x, rotation):
+        """`(query, key, value)` `[..., heads, H]` of `x [..., D]`.
+
+        Queries come rotated and scaled, keys rotated; `rotation` must
+        broadcast against `[..., heads, H]`.
+        """
+        import torch
+
+        h = _rms_norm(x, layer.norms[0])
+        heads = tuple(x.shape[:-1]) + (-1, self.head_dim)
+        query = (h @ layer.query).view(heads)  # [..., N, H]
+        key = (h @ layer.key).view(heads)  # [..., K, H]
+        # Queries and keys rotate together: one set of kernels, not two.
+        query, key = self._rope(torch.cat([query, key], dim=-2), rotation).split(
+            [query.shape[-2], key.shape[-2]], dim=-2
+        )
+        value = (h @ layer.value).view(heads)
+        return query * layer.scale, key, value
+
+    def _block_output(self, layer, x, attended):
+        """The block after attention: `x [..., D]`, `attended [..., N * H]`."""
+        import torch
+
+        x = x + _rms_norm(attended @ layer.output, layer.norms[1])
+        h = _rms_norm(x, layer.norms[2])
+        gate = torch.nn.functional.gelu(h @ layer.gate, approximate="tanh")
+        return x + _rms_norm((gate * (h @ layer.up)) @ layer.down, layer.norms[3])
 
     def _attend(self, layer, query, keys, values, valid=None):
         """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`.
@@ -272,19 +300,14 @@ class TorchDecoder:
             )
         x = self.embeddings[token_ids] * self.embedding_scale  # [B, L, D]
         positions = torch.arange(length, device=x.device)
-        rotation = self._rotation(positions[:, None])  # [L, H] each
-        hidden = (batch, length, -1, self.head_dim)
+        rotation = self._rotation(positions[:, None, None])  # [L, 1, H] each
         for layer, (key_cache, value_cache) in zip(
             self.layers, self.caches, strict=True
         ):
-            h = _rms_norm(x, layer.norms[0])
-            query = (h @ layer.query).view(hidden).transpose(1, 2)  # [B, N, L, H]
-            key = (h @ layer.key).view(hidden).transpose(1, 2)  # [B, K, L, H]
-            query, key = self._rope(torch.cat([query, key], dim=1), rotation).split(
-                [query.shape[1], key.shape[1]], dim=1
+            query, key, value = (
+                tensor.transpose(1, 2)  # [B, heads, L, H]
+                for tensor in self._attention_inputs(layer, x, rotation)
             )
-            value = (h @ layer.value).view(hidden).transpose(1, 2)
-            query = query * layer.scale
             key_cache[:, :, :length] = key
             value_cache[:, :, :length] = value
             query = query.reshape(batch, self.kv_heads, self.groups, length, -1)
@@ -297,10 +320,7 @@ class TorchDecoder:
             )  # [B, K, G, L, H]
             attended = attended.reshape(batch, -1, length, self.head_dim)
             attended = attended.transpose(1, 2).reshape(batch, length, -1)
-            x = x + _rms_norm(attended @ layer.output, layer.norms[1])
-            h = _rms_norm(x, layer.norms[2])
-            gate = torch.nn.functional.gelu(h @ layer.gate, approximate="tanh")
-            x = x + _rms_norm((gate * (h @ layer.up)) @ layer.down, layer.norms[3])
+            x = self._block_output(layer, x, attended)
 
     def logits(self, token, position, global_span=None):
         """Logits `[B, vocabulary]` of `token [B]` at `position`.
@@ -339,15 +359,7 @@ class TorchDecoder:
         for layer, local, (key_cache, value_cache) in zip(
             self.layers, self.local, self.caches, strict=True
         ):
-            h = _rms_norm(x, layer.norms[0])
-            query = (h @ layer.query).view(batch, -1, self.head_dim)  # [B, N, H]
-            key = (h @ layer.key).view(batch, -1, self.head_dim)  # [B, K, H]
-            # Queries and keys rotate together: one set of kernels, not two.
-            query, key = self._rope(torch.cat([query, key], dim=1), rotation).split(
-                [query.shape[1], key.shape[1]], dim=1
-            )
-            value = (h @ layer.value).view(batch, -1, self.head_dim)
-            query = query * layer.scale
+            query, key, value = self._attention_inputs(layer, x, rotation)
             slot = position % self.ring if local else position
             _write(key_cache, slot, key)  # [B, K, S, H]
             _write(value_cache, slot, value)
@@ -360,11 +372,7 @@ class TorchDecoder:
                 value_cache[:, :, :span],
                 valid[0] if local else valid[1],
             )
-            attended = attended.reshape(batch, -1) @ layer.output
-            x = x + _rms_norm(attended, layer.norms[1])
-            h = _rms_norm(x, layer.norms[2])
-            gate = torch.nn.functional.gelu(h @ layer.gate, approximate="tanh")
-            x = x + _rms_norm((gate * (h @ layer.up)) @ layer.down, layer.norms[3])
+            x = self._block_output(layer, x, attended.reshape(batch, -1))
         x = _rms_norm(x, self.final_norm)
         return _soft_cap(x @ self.embeddings.T, self.final_cap)
 

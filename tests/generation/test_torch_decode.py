@@ -38,14 +38,19 @@ def fast_and_portable_logits(
     padding_mask = (np.arange(token_ids.shape[1]) < lengths[:, None]).astype("int32")
     prompt_length = int(lengths.min())
     with torch.no_grad():
-        state = (torch_decode.prefill if raw_prefill else prefill)(
+        args = (
             causal_lm,
             ops.convert_to_tensor(token_ids),
             ops.convert_to_tensor(padding_mask),
             int(lengths.max()),
         )
+        if raw_prefill:
+            state, decoder = torch_decode.prefill(*args)
+        else:
+            state = prefill(*args)
+            decoder = torch_decode.TorchDecoder(causal_lm, state[1])
         assert int(state[2]) == prompt_length
-        decoder = torch_decode.TorchDecoder(causal_lm, state[1])
+        assert decoder.caches is state[1]
         fast = []
         for p in range(prompt_length - 1, token_ids.shape[1]):
             token = ops.convert_to_tensor(token_ids[:, p])
