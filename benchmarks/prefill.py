@@ -168,7 +168,7 @@ def local_attention_ms_per_1k(length, implementation, repeats):
     import numpy as np
     from keras import ops
 
-    from keras_gemma2.layers.attention_kernels import attention
+    from keras_gemma2.layers.attention_dispatch import attention
 
     backend = keras.config.backend()
     heads, kv_heads, head_dim = (
@@ -219,7 +219,7 @@ def chosen_kernels(implementation, length):
     import keras
     from keras import ops
 
-    from keras_gemma2.layers.attention_kernels import choose_implementation
+    from keras_gemma2.layers.attention_dispatch import choose_implementation
 
     query = ops.zeros((1, length, MID["num_query_heads"], MID["head_dim"]))
     guard = contextlib.nullcontext()

@@ -13,7 +13,7 @@ kernel at every step).
 from keras import ops
 
 # The reference's soft cap, mask and float32 softmax, shared so both agree.
-from keras_gemma2.layers.attention_kernels import masked_probabilities
+from keras_gemma2.layers.attention_probabilities import masked_probabilities
 from keras_gemma2.layers.last_axis_product import last_axis_product
 
 
@@ -27,7 +27,7 @@ def cached_attention(query, key_cache, value_cache, mask, soft_cap=None):
         soft_cap: float or `None`, the attention-logit cap.
 
     Returns:
-        `[B, T, N, H]`, as `attention_kernels.reference_attention` computes
+        `[B, T, N, H]`, as `attention_reference.reference_attention` computes
         for the same keys in `[B, S, K, H]` layout.
     """
     batch_size, length = ops.shape(query)[0], query.shape[1]

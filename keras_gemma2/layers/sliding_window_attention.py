@@ -5,7 +5,7 @@ import functools
 import keras
 from keras import ops
 
-from keras_gemma2.layers.attention_kernels import (
+from keras_gemma2.layers.attention_dispatch import (
     attention,
     validate_attention_implementation,
 )
@@ -55,7 +55,7 @@ class SlidingWindowAttention(keras.layers.Layer):
             path that does not apply (a global layer of unknown length for
             `"blocked"`, a cached decode step, an unsupported backend) uses
             the portable one. See
-            `keras_gemma2.layers.attention_kernels`. Defaults to `"auto"`.
+            `keras_gemma2.layers.attention_dispatch`. Defaults to `"auto"`.
 
     Call arguments:
         hidden_states: float tensor `[batch, T, hidden_dim]`.

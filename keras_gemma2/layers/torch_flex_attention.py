@@ -1,7 +1,7 @@
 """PyTorch FlexAttention for Gemma 2: soft-cap score_mod, window block mask.
 
 The one backend-specific attention kernel of the package; only
-`attention_kernels.attention` calls it, and only where
+`attention_dispatch.attention` calls it, and only where
 `flex_unavailable_reason` returns `None`. Torch is imported lazily, so the
 module imports on every backend.
 

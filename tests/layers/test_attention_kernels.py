@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_gemma2.layers import attention_kernels
-from keras_gemma2.layers.attention_kernels import (
-    FLEX_MIN_LENGTH,
+from keras_gemma2.layers import attention_causal_blocked
+from keras_gemma2.layers.attention_blocked import blocked_attention, blocked_pays_off
+from keras_gemma2.layers.attention_dispatch import (
+    ATTENTION_IMPLEMENTATIONS,
     attention,
-    blocked_attention,
     choose_implementation,
-    default_block_size,
     validate_attention_implementation,
+)
+from keras_gemma2.layers.attention_policy import (
+    FLEX_MIN_LENGTH,
+    GLOBAL_BLOCK_SIZE,
+    default_block_size,
 )
 
 BACKEND = keras.config.backend()
@@ -182,13 +186,13 @@ def test_blocked_equals_reference_forward_and_gradients(case):
 def test_causal_blocked_computes_only_the_triangle(monkeypatch):
     """Each query block sees only its key prefix: the logits are a triangle."""
     widths = []
-    reference = attention_kernels.reference_attention
+    reference = attention_causal_blocked.reference_attention
 
     def recording(query, key, value, mask, soft_cap=None, dropout=None):
         widths.append((query.shape[1], key.shape[1]))
         return reference(query, key, value, mask, soft_cap, dropout)
 
-    monkeypatch.setattr(attention_kernels, "reference_attention", recording)
+    monkeypatch.setattr(attention_causal_blocked, "reference_attention", recording)
     q, k, v = random_inputs(1, 10, 2, 1)
     attention(q, k, v, implementation="blocked", block_size=4)
     assert widths == [(4, 4), (4, 8), (2, 10)]  # 72 logits, not 100
@@ -196,7 +200,7 @@ def test_causal_blocked_computes_only_the_triangle(monkeypatch):
 
 def test_causal_blocked_needs_a_static_length():
     with pytest.raises(ValueError, match="static sequence length"):
-        attention_kernels.causal_blocked_attention(
+        attention_causal_blocked.causal_blocked_attention(
             keras.KerasTensor((1, None, 2, 4)),
             keras.KerasTensor((1, None, 2, 4)),
             keras.KerasTensor((1, None, 2, 4)),
@@ -381,7 +385,7 @@ def test_auto_choice():
         "reference"
     )
     # Global layers: causal blocks from two blocks on, else the reference.
-    block = attention_kernels.GLOBAL_BLOCK_SIZE
+    block = GLOBAL_BLOCK_SIZE
     assert choose_implementation("auto", query_of(2 * block - 1)) == "reference"
     assert choose_implementation("auto", query_of(2 * block)) == "blocked"
     assert choose_implementation("auto", query_of(64), block_size=32) == "blocked"
@@ -422,11 +426,11 @@ def test_default_block_size_is_a_half_window_power_of_two_up_to_512():
 
 def test_blocked_pays_off_exactly_when_it_computes_fewer_logits():
     # Window 4096, blocks of 512: 8 previous blocks, 4608 keys per query.
-    assert not attention_kernels.blocked_pays_off(4608, 4096)
-    assert attention_kernels.blocked_pays_off(8192, 4096)  # 8192 * 4608 < 8192**2
+    assert not blocked_pays_off(4608, 4096)
+    assert blocked_pays_off(8192, 4096)  # 8192 * 4608 < 8192**2
     # Window 16, blocks of 16: one previous block, 32 keys per query.
-    assert not attention_kernels.blocked_pays_off(39, 16)  # 48 * 32 > 39**2
-    assert attention_kernels.blocked_pays_off(40, 16)  # 48 * 32 < 40**2
+    assert not blocked_pays_off(39, 16)  # 48 * 32 > 39**2
+    assert blocked_pays_off(40, 16)  # 48 * 32 < 40**2
 
 
 @pytest.mark.parametrize("value", ["fast", None, 3, "Blocked"])
@@ -446,11 +450,26 @@ def test_bad_arguments():
         blocked_attention(q, q, q)
 
 
-def test_module_lists_every_implementation():
-    assert attention_kernels.ATTENTION_IMPLEMENTATIONS == (
-        "auto",
-        "reference",
-        "blocked",
-        "flex",
-        "fused",
-    )
+@pytest.mark.parametrize("implementation", ATTENTION_IMPLEMENTATIONS)
+def test_every_listed_implementation_gives_the_float64_result(implementation):
+    """Each name the dispatch lists is accepted and equals a numpy computation.
+
+    A path that cannot run on this backend falls back (with a warning) to a
+    portable one, which must give the same numbers. Unknown names are
+    refused in `test_unknown_implementation_names_the_argument`.
+    """
+    # The shapes of `test_flex_equals_reference`: torch compiles flex once.
+    q, k, v = random_inputs(2, 150, 4, 2)
+    padding = holes(2, 150, 5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*cannot run here.*")
+        out = forward(
+            lambda q, k, v: attention(
+                q, k, v, padding, 5, 3.0, implementation=implementation
+            ),
+            q,
+            k,
+            v,
+        )
+    expected = numpy_attention(q, k, v, 5, 3.0, padding)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
