@@ -158,7 +158,7 @@ def stream(causal_lm, prompt, max_new_tokens, out):
     """Print the completion of `prompt` as it arrives; return its text."""
     from keras import ops
 
-    from keras_gemma2.models.presets import MAX_SEQUENCE_LENGTH
+    from keras_gemma2.models.architecture import MAX_SEQUENCE_LENGTH
 
     tokens = len(
         ops.convert_to_numpy(causal_lm.preprocessor.tokenizer.tokenize(prompt))

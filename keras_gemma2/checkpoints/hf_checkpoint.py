@@ -7,11 +7,14 @@ import keras
 import numpy as np
 
 from keras_gemma2.checkpoints.safetensors_files import read_header, read_tensor
+from keras_gemma2.checkpoints.shard_index import index_shards
 from keras_gemma2.checkpoints.unallocated import (
     build_unallocated,
     fill,
     forget_pending,
 )
+from keras_gemma2.models import weight_table
+from keras_gemma2.models.architecture import layer_is_local
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -37,18 +40,6 @@ _REQUIRED_KEYS = (
     "head_dim",
 )
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_tanh")
-
-
-def is_hf_checkpoint(directory):
-    """True when `directory` holds an HF `config.json` (of any model type)."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(path) as file:
-            return "model_type" in json.load(file)
-    except (OSError, ValueError):
-        return False
 
 
 def read_hf_config(directory):
@@ -91,7 +82,7 @@ def read_hf_config(directory):
     num_layers = config["num_hidden_layers"]
     layer_types = config.get("layer_types")
     expected_types = [
-        "sliding_attention" if i % 2 == 0 else "full_attention"
+        "sliding_attention" if layer_is_local(i) else "full_attention"
         for i in range(num_layers)
     ]
     if layer_types is not None and list(layer_types) != expected_types:
@@ -119,156 +110,27 @@ def read_hf_config(directory):
 
 def index_checkpoint(directory):
     """Return `{tensor name: TensorEntry}` over the single or sharded weights."""
-    index_path = os.path.join(directory, INDEX_FILE)
-    single_path = os.path.join(directory, SINGLE_WEIGHTS_FILE)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as file:
-                weight_map = json.load(file)["weight_map"]
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"{index_path} is not a valid index: {error!r}") from None
-        shards = sorted(set(weight_map.values()))
-    elif os.path.isfile(single_path):
-        weight_map, shards = None, [SINGLE_WEIGHTS_FILE]
-    else:
-        raise FileNotFoundError(
-            f"No weights in {directory}: expected {SINGLE_WEIGHTS_FILE} or "
-            f"{INDEX_FILE} with its shards."
-        )
-    entries = {}
-    for shard in shards:
-        path = os.path.join(directory, shard)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"The weights shard {path} named in {INDEX_FILE} does not exist."
-            )
-        for name, entry in read_header(path).items():
-            if weight_map is not None and weight_map.get(name) != shard:
-                raise ValueError(
-                    f"Tensor `{name}` is stored in {path} but {index_path} maps it "
-                    f"to {weight_map.get(name)!r}."
-                )
-            entries[name] = entry
+    entries, weight_map = index_shards(
+        directory, SINGLE_WEIGHTS_FILE, INDEX_FILE, read_header, lambda name: name
+    )
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(entries))
         if absent:
             raise ValueError(
-                f"{index_path} lists tensors that no shard holds, e.g. `{absent[0]}` "
-                f"in {weight_map[absent[0]]}."
+                f"{os.path.join(directory, INDEX_FILE)} lists tensors that no shard "
+                f"holds, e.g. `{absent[0]}` in {weight_map[absent[0]]}."
             )
     return entries
 
 
 def weight_plan(backbone):
-    """List `(hf_name, variable, expected_hf_shape, to_keras)` for every weight.
+    """List `(hf_name, weight, variable, hf_shape)` for every weight, in HF order.
 
-    `to_keras` maps the HF array (torch `Linear` layout `[out, in]`) to the
-    Keras variable's layout.
+    `weight` is the row of `keras_gemma2.models.weight_table` describing it;
+    `weight_table.convert(array, weight.hf_axes, weight.axes, sizes)` moves
+    an HF array (torch `Linear` layout `[out, in]`) into the variable's.
     """
-    heads, kv_heads = backbone.num_query_heads, backbone.num_key_value_heads
-    head_dim, hidden = backbone.head_dim, backbone.hidden_dim
-    inner = backbone.intermediate_dim
-    vocabulary = backbone.vocabulary_size
-
-    def identity(array):
-        return array
-
-    def transpose(array):
-        return array.T
-
-    def projection_in(heads_count):
-        # [heads*head_dim, hidden] -> [hidden, heads, head_dim]
-        return lambda array: array.T.reshape(hidden, heads_count, head_dim)
-
-    def projection_out(array):
-        # [hidden, heads*head_dim] -> [heads, head_dim, hidden]
-        return array.T.reshape(heads, head_dim, hidden)
-
-    def trim_vocabulary(array):
-        # Released checkpoints pad the embedding to 256128 rows.
-        return array[:vocabulary]
-
-    plan = [
-        (
-            "model.embed_tokens.weight",
-            backbone.token_embedding.embeddings,
-            (vocabulary, hidden),
-            trim_vocabulary,
-        )
-    ]
-    for i, block in enumerate(backbone.transformer_layers):
-        prefix = f"model.layers.{i}."
-        attention, ffw = block.attention, block.ffw
-        plan += [
-            (
-                prefix + "input_layernorm.weight",
-                block.pre_attention_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "post_attention_layernorm.weight",
-                block.post_attention_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "pre_feedforward_layernorm.weight",
-                block.pre_ffw_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "post_feedforward_layernorm.weight",
-                block.post_ffw_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "self_attn.q_proj.weight",
-                attention.query_dense.kernel,
-                (heads * head_dim, hidden),
-                projection_in(heads),
-            ),
-            (
-                prefix + "self_attn.k_proj.weight",
-                attention.key_dense.kernel,
-                (kv_heads * head_dim, hidden),
-                projection_in(kv_heads),
-            ),
-            (
-                prefix + "self_attn.v_proj.weight",
-                attention.value_dense.kernel,
-                (kv_heads * head_dim, hidden),
-                projection_in(kv_heads),
-            ),
-            (
-                prefix + "self_attn.o_proj.weight",
-                attention.output_dense.kernel,
-                (hidden, heads * head_dim),
-                projection_out,
-            ),
-            (
-                prefix + "mlp.gate_proj.weight",
-                ffw.gate_dense.kernel,
-                (inner, hidden),
-                transpose,
-            ),
-            (
-                prefix + "mlp.up_proj.weight",
-                ffw.up_dense.kernel,
-                (inner, hidden),
-                transpose,
-            ),
-            (
-                prefix + "mlp.down_proj.weight",
-                ffw.down_dense.kernel,
-                (hidden, inner),
-                transpose,
-            ),
-        ]
-    plan.append(("model.norm.weight", backbone.final_norm.scale, (hidden,), identity))
-    return plan
+    return weight_table.checkpoint_plan(backbone, "hf")
 
 
 def as_assignable(array, dtype):
@@ -301,24 +163,6 @@ def build_for_loading(backbone_cls, config):
     return build_unallocated(lambda: backbone_cls(**config))
 
 
-def to_hf_layout(hf_name, array, hf_shape):
-    """Invert `weight_plan`'s `to_keras` for one tensor: Keras layout -> HF.
-
-    Every `*_proj.weight` is a torch `Linear` stored `[out, in]`; its Keras
-    kernel is `[in, ...]` (e.g. `[hidden, heads, head_dim]`), so it is
-    reshaped to `[in, out]` and transposed. Every other tensor (norm scales,
-    the embedding) keeps its element order and only takes `hf_shape`.
-
-    Args:
-        hf_name: string. The HF tensor name from `weight_plan`.
-        array: numpy array in the Keras variable's layout.
-        hf_shape: tuple. The expected HF shape from `weight_plan`.
-    """
-    if hf_name.endswith("_proj.weight"):
-        return np.reshape(array, tuple(hf_shape)[::-1]).T
-    return np.reshape(array, tuple(hf_shape))
-
-
 def load_hf_weights(backbone, directory, progress=None):
     """Check every tensor of the checkpoint against `backbone`, then assign them.
 
@@ -334,6 +178,7 @@ def load_hf_weights(backbone, directory, progress=None):
     """
     entries = index_checkpoint(directory)
     plan = weight_plan(backbone)
+    sizes = weight_table.dimensions(backbone)
     expected = {name for name, *_ in plan}
     # A tied output head may be saved as a duplicate of the embedding.
     unexpected = sorted(set(entries) - expected - {"lm_head.weight"})
@@ -343,13 +188,13 @@ def load_hf_weights(backbone, directory, progress=None):
             f"Unexpected tensor `{name}` in {entries[name].path}: it has no place in "
             f"a Gemma2Backbone with num_layers={backbone.num_layers}."
         )
-    for name, _, shape, _ in plan:
+    for name, weight, _, shape in plan:
         if name not in entries:
             raise ValueError(
                 f"The checkpoint in {directory} lacks the tensor `{name}`."
             )
         stored = entries[name].shape
-        if name == "model.embed_tokens.weight":
+        if weight.padded:
             ok = len(stored) == 2 and stored[0] >= shape[0] and stored[1] == shape[1]
             wanted = f"({shape[0]} or more, {shape[1]})"
         else:
@@ -361,8 +206,9 @@ def load_hf_weights(backbone, directory, progress=None):
                 f"expected {wanted} from config.json."
             )
     try:
-        for done, (name, variable, _, to_keras) in enumerate(plan, start=1):
-            array = to_keras(read_tensor(entries[name]))
+        for done, (name, weight, variable, shape) in enumerate(plan, start=1):
+            array = read_tensor(entries[name])[: shape[0]]  # drops padded rows
+            array = weight_table.convert(array, weight.hf_axes, weight.axes, sizes)
             fill(variable, as_assignable(array, variable.dtype))
             del array
             if progress is not None:

@@ -3,8 +3,8 @@
 The directory written loads with `transformers.AutoModelForCausalLM
 .from_pretrained(directory)` (as `Gemma2ForCausalLM`) and, when a tokenizer is
 exported, `transformers.AutoTokenizer.from_pretrained(directory)` (as
-`GemmaTokenizer`). Tensor names and layouts come from `weight_plan`, the
-mapping the HF loader uses, inverted with `to_hf_layout`.
+`GemmaTokenizer`). Tensor names and layouts come from
+`keras_gemma2.models.weight_table`, the table the HF loader reads too.
 """
 
 import json
@@ -21,10 +21,11 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     SINGLE_WEIGHTS_FILE,
-    to_hf_layout,
     weight_plan,
 )
-from keras_gemma2.models.backbone import Gemma2Backbone, layer_is_local
+from keras_gemma2.models import weight_table
+from keras_gemma2.models.architecture import layer_is_local
+from keras_gemma2.models.backbone import Gemma2Backbone
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_MODEL_FILE = "tokenizer.model"
@@ -142,10 +143,11 @@ def transformers_tensors(backbone, dtype="float32"):
         dtype: string. `"float32"` or `"bfloat16"`.
     """
     numpy_dtype = _NUMPY_DTYPES[_check_dtype(dtype, backbone)]
-    for name, variable, shape, _ in weight_plan(backbone):
+    sizes = weight_table.dimensions(backbone)
+    for name, weight, variable, _ in weight_plan(backbone):
         value = keras.ops.convert_to_numpy(variable)
-        array = to_hf_layout(name, value, shape).astype(numpy_dtype)
-        yield name, np.ascontiguousarray(array)
+        array = weight_table.convert(value, weight.axes, weight.hf_axes, sizes)
+        yield name, np.ascontiguousarray(array.astype(numpy_dtype))
 
 
 def _shard_names(backbone, itemsize, max_shard_size_bytes):
@@ -154,7 +156,7 @@ def _shard_names(backbone, itemsize, max_shard_size_bytes):
     A tensor larger than the limit gets a shard of its own.
     """
     shards, current, current_size = [], [], 0
-    for name, _, shape, _ in weight_plan(backbone):
+    for name, _, _, shape in weight_plan(backbone):
         size = int(np.prod(shape, dtype=np.int64)) * itemsize
         if current and current_size + size > max_shard_size_bytes:
             shards.append(current)

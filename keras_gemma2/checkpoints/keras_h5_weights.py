@@ -16,12 +16,13 @@ everything read here with KerasHub's own loading of the same preset, so a
 change in the format fails them loudly.
 """
 
-import json
 import os
 import tempfile
 
 import ml_dtypes
 import numpy as np
+
+from keras_gemma2.checkpoints.shard_index import index_shards
 
 SINGLE_FILE = "model.weights.h5"
 SHARD_INDEX_FILE = "model.weights.json"
@@ -91,7 +92,8 @@ def index_weights(directory):
 
     Args:
         directory: a preset directory holding `model.weights.h5`, or
-            `model.weights.json` and the shards it names.
+            `model.weights.json` and the shards it names (keyed by each
+            dataset's parent group, `"/<group>"`).
 
     Raises:
         FileNotFoundError: no weights file, or a shard named in the index is
@@ -99,45 +101,13 @@ def index_weights(directory):
         ValueError: a file is unreadable, the index is malformed, or a dataset
             is not in the shard the index names.
     """
-    index_path = os.path.join(directory, SHARD_INDEX_FILE)
-    single_path = os.path.join(directory, SINGLE_FILE)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as file:
-                weight_map = json.load(file)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(
-                f"{index_path} is not a valid Keras shard index: {error!r}"
-            ) from None
-    elif os.path.isfile(single_path):
-        weight_map, shards = None, [SINGLE_FILE]
-    else:
-        raise FileNotFoundError(
-            f"No weights in {directory}: expected {SINGLE_FILE}, or "
-            f"{SHARD_INDEX_FILE} with its shards."
-        )
-    tensors = {}
-    for shard in shards:
-        path = os.path.join(directory, shard)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"The weights shard {path} named in {index_path} does not exist."
-            )
-        for name, tensor in _list_datasets(path).items():
-            if weight_map is not None:
-                group = "/" + name.rsplit("/", 1)[0]
-                if weight_map.get(group) != shard:
-                    raise ValueError(
-                        f"Dataset `{name}` is stored in {path} but {index_path} "
-                        f"maps its group to {weight_map.get(group)!r}."
-                    )
-            if name in tensors:
-                raise ValueError(
-                    f"Dataset `{name}` is stored twice: in {tensors[name].path} "
-                    f"and in {path}."
-                )
-            tensors[name] = tensor
+    tensors, _ = index_shards(
+        directory,
+        SINGLE_FILE,
+        SHARD_INDEX_FILE,
+        _list_datasets,
+        lambda name: "/" + name.rsplit("/", 1)[0],
+    )
     return tensors
 
 

@@ -15,11 +15,11 @@ import json
 import os
 
 import keras_hub
-import numpy as np
 
 from keras_gemma2.checkpoints import keras_h5_weights
 from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
 from keras_gemma2.checkpoints.unallocated import fill, forget_pending
+from keras_gemma2.models import weight_table
 
 CONFIG_FILE = "config.json"
 _CLASS_NAMES = ("keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone")
@@ -244,112 +244,14 @@ def _policy_name(dtype):
 
 
 def keras_hub_weight_plan(backbone):
-    """List `(keras_hub_path, variable, keras_hub_shape, to_ours)` per weight.
+    """List `(keras_hub_path, weight, variable, keras_hub_shape)` per weight.
 
     `keras_hub_path` is the variable's path in a KerasHub `GemmaBackbone`
-    (e.g. `decoder_block_0/attention/query/kernel`); `to_ours` maps its
-    array to our variable's layout.
+    (e.g. `decoder_block_0/attention/query/kernel`); `weight` is the row of
+    `keras_gemma2.models.weight_table` describing it, whose
+    `keras_hub_axes` give the KerasHub layout.
     """
-    heads, kv_heads = backbone.num_query_heads, backbone.num_key_value_heads
-    head_dim, hidden = backbone.head_dim, backbone.hidden_dim
-    inner = backbone.intermediate_dim
-
-    def identity(array):
-        return array
-
-    def heads_first_to_hidden_first(array):
-        # [heads, hidden, head_dim] -> [hidden, heads, head_dim]
-        return np.transpose(array, (1, 0, 2))
-
-    plan = [
-        (
-            "token_embedding/embeddings",
-            backbone.token_embedding.embeddings,
-            (backbone.vocabulary_size, hidden),
-            identity,
-        )
-    ]
-    for i, block in enumerate(backbone.transformer_layers):
-        prefix = f"decoder_block_{i}/"
-        attention, ffw = block.attention, block.ffw
-        plan += [
-            (
-                prefix + "pre_attention_norm/scale",
-                block.pre_attention_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "post_attention_norm/scale",
-                block.post_attention_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "pre_ffw_norm/scale",
-                block.pre_ffw_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "post_ffw_norm/scale",
-                block.post_ffw_norm.scale,
-                (hidden,),
-                identity,
-            ),
-            (
-                prefix + "attention/query/kernel",
-                attention.query_dense.kernel,
-                (heads, hidden, head_dim),
-                heads_first_to_hidden_first,
-            ),
-            (
-                prefix + "attention/key/kernel",
-                attention.key_dense.kernel,
-                (kv_heads, hidden, head_dim),
-                heads_first_to_hidden_first,
-            ),
-            (
-                prefix + "attention/value/kernel",
-                attention.value_dense.kernel,
-                (kv_heads, hidden, head_dim),
-                heads_first_to_hidden_first,
-            ),
-            (
-                prefix + "attention/attention_output/kernel",
-                attention.output_dense.kernel,
-                (heads, head_dim, hidden),
-                identity,
-            ),
-            # KerasHub: gelu(ffw_gating(x)) * ffw_gating_2(x) -> ffw_linear.
-            (
-                prefix + "ffw_gating/kernel",
-                ffw.gate_dense.kernel,
-                (hidden, inner),
-                identity,
-            ),
-            (
-                prefix + "ffw_gating_2/kernel",
-                ffw.up_dense.kernel,
-                (hidden, inner),
-                identity,
-            ),
-            (
-                prefix + "ffw_linear/kernel",
-                ffw.down_dense.kernel,
-                (inner, hidden),
-                identity,
-            ),
-        ]
-    plan.append(
-        (
-            "final_normalization/scale",
-            backbone.final_norm.scale,
-            (hidden,),
-            identity,
-        )
-    )
-    return plan
+    return weight_table.checkpoint_plan(backbone, "keras_hub")
 
 
 def _layout_probe(config):
@@ -398,6 +300,7 @@ def _load_keras_hub_weights(backbone, directory, progress):
     directory = _check_directory(directory)
     config = read_keras_hub_config(directory)
     plan = keras_hub_weight_plan(backbone)
+    sizes = weight_table.dimensions(backbone)
     tensors = keras_h5_weights.index_weights(directory)
     layout = keras_h5_weights.probe_layout(_layout_probe(config))
     planned = [path for path, *_ in plan]
@@ -417,7 +320,7 @@ def _load_keras_hub_weights(backbone, directory, progress):
             "in a Gemma 2 GemmaBackbone with "
             f"num_layers={config['num_layers']} (a quantized or modified preset?)."
         )
-    for path, _, shape, _ in plan:
+    for path, _, _, shape in plan:
         dataset = layout[path]
         if dataset not in tensors:
             raise ValueError(
@@ -431,8 +334,9 @@ def _load_keras_hub_weights(backbone, directory, progress):
                 f"{tensors[dataset].path}) have shape {stored}; expected {shape} "
                 f"from {CONFIG_FILE}."
             )
-    for done, (path, variable, _, to_ours) in enumerate(plan, start=1):
-        array = to_ours(tensors[layout[path]].read())
+    for done, (path, weight, variable, _) in enumerate(plan, start=1):
+        array = tensors[layout[path]].read()
+        array = weight_table.convert(array, weight.keras_hub_axes, weight.axes, sizes)
         fill(variable, as_assignable(array, variable.dtype))
         del array
         if progress is not None:

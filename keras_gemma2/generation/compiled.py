@@ -71,7 +71,7 @@ class GenerationProgram:
             import torch
 
             with torch.no_grad():
-                state, decoder = torch_decode.prefill(
+                state, decoder = torch_decode.start(
                     self.causal_lm, token_ids, padding_mask, self.prefill_length
                 )
         else:

@@ -12,7 +12,7 @@ most `2 p` global slots and `sliding_window_size` local slots, never all of
 from keras import ops
 
 from keras_gemma2.generation.kv_cache import decode_cache, empty_cache
-from keras_gemma2.models.backbone import layer_is_local
+from keras_gemma2.models.architecture import layer_is_local
 
 MIN_PREFILL_BUCKET = 16
 
@@ -103,23 +103,54 @@ def decode_step(causal_lm, prompt, prompt_mask, caches, index, done, stop_token_
 
     Returns `(prompt, caches, index + 1, done, next_token)`.
     """
-    sampler = causal_lm.sampler
     batch_size = ops.shape(prompt)[0]
     position = index - 1
     current = ops.slice(prompt, [0, position], [batch_size, 1])
     logits, _, caches = causal_lm.call_with_cache(current, caches, position)
-    probabilities = sampler.compute_probabilities(logits[:, 0])
-    next_token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
+    prompt, done, next_token = choose_token(
+        causal_lm.sampler,
+        logits[:, 0],
+        prompt,
+        prompt_mask,
+        index,
+        done,
+        stop_token_ids,
+    )
+    return prompt, caches, index + 1, done, next_token
+
+
+def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_ids):
+    """Write the token at `index`: sampled from `logits`, or the prompt's own.
+
+    Prompt positions (`prompt_mask`) keep their token, so a batch of prompts
+    of different lengths decodes in lockstep; a sampled stop token marks its
+    row done. Every decode path (the portable step, `TorchDecoder`) ends
+    here.
+
+    Args:
+        sampler: a `keras_hub.samplers.Sampler`.
+        logits: `[batch, vocabulary]` next-token logits.
+        prompt: int `[batch, max_length]`.
+        prompt_mask: bool `[batch, max_length]`.
+        index: int or int scalar tensor, the position to write.
+        done: bool `[batch]`.
+        stop_token_ids: tuple of ints or `None`.
+
+    Returns:
+        `(prompt, done, token [batch])`.
+    """
+    probabilities = sampler.compute_probabilities(logits)
+    token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
     # Gathers, not `[:, index]`: TensorFlow's XLA bridge wants a strided
     # slice's bounds as compile-time constants and would recompile the step
     # for every index.
     forced = ops.take(prompt_mask, index, axis=1)
-    next_token = ops.where(forced, ops.take(prompt, index, axis=1), next_token)
-    prompt = ops.slice_update(prompt, [0, index], next_token[:, None])
+    token = ops.where(forced, ops.take(prompt, index, axis=1), token)
+    prompt = ops.slice_update(prompt, [0, index], token[:, None])
     if stop_token_ids is not None:
-        stopped = _any_equal(next_token, stop_token_ids)
+        stopped = _any_equal(token, stop_token_ids)
         done = ops.logical_or(done, ops.logical_and(stopped, ops.logical_not(forced)))
-    return prompt, caches, index + 1, done, next_token
+    return prompt, done, token
 
 
 def step_with_prefix(causal_lm, state, prompt_mask, edge, stop_token_ids):

@@ -4,7 +4,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
-from keras_gemma2.models.presets import MAX_SEQUENCE_LENGTH
+from keras_gemma2.models.architecture import MAX_SEQUENCE_LENGTH
 
 SAMPLERS = {
     "greedy": lambda temperature, seed: keras_hub.samplers.GreedySampler(),

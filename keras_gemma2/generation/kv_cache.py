@@ -15,7 +15,7 @@ array was sliced and re-stacked at every step.
 
 from keras import ops
 
-from keras_gemma2.models.backbone import layer_is_local
+from keras_gemma2.models.architecture import layer_is_local
 
 
 def layer_counts(backbone):
@@ -49,6 +49,22 @@ def cache_bytes(backbone, batch_size, max_length, dtype_bytes=4):
     return batch_size * per_slot * ours, batch_size * per_slot * full
 
 
+def ring_positions(last_position, slots, ring):
+    """Position each ring slot holds once `last_position` is written.
+
+    Slot `s` holds the latest position `<= last_position` congruent to `s`
+    modulo `ring`; a negative result means the slot was never written.
+    Plain operators, so it serves every backend's tensors and Python ints.
+
+    Example:
+
+    >>> import numpy as np
+    >>> ring_positions(5, np.arange(4), 4).tolist()
+    [4, 5, 2, 3]
+    """
+    return last_position - (last_position - slots) % ring
+
+
 def ring_from_linear(linear_cache, last_position, ring):
     """Rebuild a ring of `ring` slots from one linear cache array.
 
@@ -62,8 +78,7 @@ def ring_from_linear(linear_cache, last_position, ring):
         last_position: int scalar tensor, the newest position to keep.
         ring: int, slots of the result.
     """
-    slots = ops.arange(ring, dtype="int32")
-    positions = last_position - ops.mod(last_position - slots, ring)  # [ring]
+    positions = ring_positions(last_position, ops.arange(ring, dtype="int32"), ring)
     length = ops.shape(linear_cache)[2]
     positions = ops.clip(positions, 0, length - 1)
     return ops.take(linear_cache, positions, axis=2)

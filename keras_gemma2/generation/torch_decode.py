@@ -6,28 +6,36 @@ through the layers against ~90 for the same matmuls on raw tensors, mid
 config on 2 CPU cores). `TorchDecoder` runs one decode step as plain torch
 operations on the model's own variables (views, no copies), writing into
 the prefilled caches in place (`[batch, kv_heads, slots, head_dim]`, read
-without transposes). `prefill` fills those caches the same way from a
-prompt that fits in a local layer's ring (60 -> 25 ms for 32 tokens there).
+without transposes). `TorchDecoder.write_prompt` fills those caches the same
+way from a prompt that fits in a local layer's ring (60 -> 25 ms for 32
+tokens there).
 
-It computes what `Gemma2Backbone.compute_hidden_states` and
-`Gemma2CausalLM.call_with_cache` compute for one token, in the same dtypes
-(float32 RMS norms and softmax, RoPE angles in float32), and
-`tests/generation/test_torch_decode.py` holds it to the portable path.
+Nothing of the model's arithmetic is written here: the RMS norm, RoPE, soft
+caps, masked softmax, GeGLU and embedding scale are the functions of
+`keras_gemma2.layers.gemma2_math` that the layers call, given raw torch
+primitives (`keras_gemma2.layers.torch_ops.TORCH_OPS`); the weights come
+from `keras_gemma2.models.weight_table`; the ring slots from `kv_cache`; the
+choice of the next token from `decode.choose_token`.
+`tests/generation/test_torch_decode.py` holds the decoder to the portable
+path in float32 and bfloat16 on several configs.
+
 `supports(causal_lm)` says when it applies: the torch backend and no
 quantized layer; otherwise the portable decode step runs eagerly.
 `compiles(causal_lm)` says when the step runs through `torch.compile`.
 """
 
 import functools
-import math
 import warnings
 
 import keras
 from keras import ops
 
 from keras_gemma2.generation import decode
-from keras_gemma2.generation.kv_cache import empty_cache, ring_size
-from keras_gemma2.models.backbone import layer_is_local
+from keras_gemma2.generation.kv_cache import empty_cache, ring_positions, ring_size
+from keras_gemma2.layers import gemma2_math as math
+from keras_gemma2.layers.torch_ops import TORCH_OPS
+from keras_gemma2.models import weight_table
+from keras_gemma2.models.architecture import layer_is_local
 
 
 def supports(causal_lm):
@@ -61,27 +69,27 @@ _COMPILE_FAILURES = []
 
 
 @functools.cache
-def _compiled_logits():
-    """`TorchDecoder.logits` through `torch.compile`, one program per shape.
+def _compiled_append():
+    """`TorchDecoder.append` through `torch.compile`, one program per shape.
 
     The decoder's tensors are inputs of the program, not constants: a new
     decoder (the next `generate` call) with the same shapes reuses it.
     """
     import torch
 
-    return torch.compile(TorchDecoder.logits, dynamic=False)
+    return torch.compile(TorchDecoder.append, dynamic=False)
 
 
-def prefill(causal_lm, token_ids, padding_mask, prefill_length):
-    """`decode.prefill` for `TorchDecoder`: `(state, decoder)`.
+def start(causal_lm, token_ids, padding_mask, prefill_length):
+    """Prefill the prompts for `TorchDecoder`: `(state, decoder)`.
 
     `state` is what `decode.prefill` returns; `decoder` the `TorchDecoder`
     over its caches, built once for the whole generation. A prompt that fits
-    in a local layer's ring (`prefill_length <= ring`) is prefilled by
-    `TorchDecoder.prefill`, straight into the decode layout; per-layer Keras
-    call overhead is then most of a short prefill's cost. Longer prompts go
-    through the layers (`decode.prefill`), whose blocked attention kernels
-    they need.
+    in a local layer's ring (`prefill_length <= ring`) goes through
+    `TorchDecoder.write_prompt`, straight into the decode layout; per-layer
+    Keras call overhead is then most of a short prefill's cost. Longer
+    prompts go through the layers (`decode.prefill`), whose blocked
+    attention kernels they need.
     """
     import torch
 
@@ -94,7 +102,7 @@ def prefill(causal_lm, token_ids, padding_mask, prefill_length):
     decoder = TorchDecoder(
         causal_lm, empty_cache(backbone, batch_size, ring, max_length)
     )
-    decoder.prefill(token_ids[:, :prefill_length])
+    decoder.write_prompt(token_ids[:, :prefill_length])
     # First position to generate: every row has a real token before it.
     index = padding_mask.bool().sum(dim=-1).min().to(torch.int32)
     done = torch.zeros((batch_size,), dtype=torch.bool, device=token_ids.device)
@@ -107,57 +115,35 @@ def _tensor(variable, dtype):
     A view when the variable already has the compute dtype; under a mixed
     policy, the same rounding the layers' autocasting applies.
     """
-    import torch
+    return TORCH_OPS.cast(ops.convert_to_tensor(variable).detach(), dtype)
 
-    return ops.convert_to_tensor(variable).detach().to(getattr(torch, dtype))
+
+def _weights(owner, weights, sizes, dtype):
+    """`{weight.name: tensor}`, each in the decoder's matrix layout.
+
+    Norm scales become float32 gains `1 + scale` (with their epsilon).
+    """
+    tensors = {}
+    for weight in weights:
+        tensor = _tensor(weight.variable(owner), dtype)
+        if weight.name.endswith("norm"):
+            layer = getattr(owner, weight.attribute[0])
+            tensor = (1.0 + tensor.float(), layer.epsilon)
+        else:
+            tensor = tensor.reshape(weight_table.shape(weight.matrix_axes, sizes))
+        tensors[weight.name] = tensor
+    return tensors
 
 
 class _Layer:
-    """One decoder block's weights, shaped for matrix products."""
+    """One decoder block's weights (from the weight table) and settings."""
 
-    def __init__(self, block, dtype):
+    def __init__(self, block, sizes, dtype):
+        self.__dict__.update(_weights(block, weight_table.BLOCK_WEIGHTS, sizes, dtype))
         attention = block.attention
-        hidden_dim = attention.query_dense.kernel.shape[0]
-        heads, kv_heads = attention.num_query_heads, attention.num_key_value_heads
-        head_dim = attention.head_dim
-        self.query = _tensor(attention.query_dense.kernel, dtype).reshape(
-            hidden_dim, heads * head_dim
-        )
-        self.key = _tensor(attention.key_dense.kernel, dtype).reshape(
-            hidden_dim, kv_heads * head_dim
-        )
-        self.value = _tensor(attention.value_dense.kernel, dtype).reshape(
-            hidden_dim, kv_heads * head_dim
-        )
-        self.output = _tensor(attention.output_dense.kernel, dtype).reshape(
-            heads * head_dim, hidden_dim
-        )
-        self.gate = _tensor(block.ffw.gate_dense.kernel, dtype)
-        self.up = _tensor(block.ffw.up_dense.kernel, dtype)
-        self.down = _tensor(block.ffw.down_dense.kernel, dtype)
-        self.norms = [
-            (1.0 + _tensor(norm.scale, dtype).float(), norm.epsilon)
-            for norm in (
-                block.pre_attention_norm,
-                block.post_attention_norm,
-                block.pre_ffw_norm,
-                block.post_ffw_norm,
-            )
-        ]
         # Rounded to the compute dtype first, as the layer does.
         self.scale = _tensor(attention.query_pre_attn_scalar**-0.5, dtype)
         self.cap = attention.attention_logit_soft_cap
-
-
-def _rms_norm(x, gain_and_epsilon):
-    """`x * rsqrt(mean(x^2) + eps) * gain` in float32, as one torch kernel."""
-    import torch
-
-    gain, epsilon = gain_and_epsilon
-    normed = torch.nn.functional.rms_norm(
-        x.float(), (x.shape[-1],), weight=gain, eps=epsilon
-    )
-    return normed.to(x.dtype)
 
 
 def _write(cache, slot, value):
@@ -168,10 +154,9 @@ def _write(cache, slot, value):
         cache.index_copy_(2, slot.reshape(1), value.unsqueeze(2).to(cache.dtype))
 
 
-def _soft_cap(x, cap):
-    if cap is None:
-        return x
-    return (x / cap).tanh_().mul_(cap)
+def _rms_norm(x, gain_and_epsilon):
+    gain, epsilon = gain_and_epsilon
+    return math.rms_norm(x, gain, epsilon, TORCH_OPS)
 
 
 class TorchDecoder:
@@ -179,67 +164,48 @@ class TorchDecoder:
 
     Args:
         causal_lm: a `Gemma2CausalLM` on the torch backend.
-        caches: the caches of a decode state (see `kv_cache`), as `prefill`
-            returns them: rings for local layers, `max_length` slots for
-            global ones. The decoder writes new keys and values into them in
-            place.
+        caches: the caches of a decode state (see `kv_cache`), as
+            `decode.prefill` returns them: rings for local layers,
+            `max_length` slots for global ones. The decoder writes new keys
+            and values into them in place.
 
     `step(...)` behaves as `decode.decode_step`. Eager, it reads exactly
     the written slots; compiled (`compiles`), fixed buckets of them, masked.
     """
 
     def __init__(self, causal_lm, caches):
-        import torch
-
         backbone = causal_lm.backbone
         self.causal_lm = causal_lm
         self.caches = caches
         dtype = backbone.compute_dtype
-        self.layers = [_Layer(block, dtype) for block in backbone.transformer_layers]
+        sizes = weight_table.dimensions(backbone)
+        self.layers = [
+            _Layer(block, sizes, dtype) for block in backbone.transformer_layers
+        ]
         self.local = [layer_is_local(i) for i in range(len(self.layers))]
-        self.embeddings = _tensor(backbone.token_embedding.embeddings, dtype)
+        own = _weights(
+            backbone, (weight_table.EMBEDDING, weight_table.FINAL_NORM), sizes, dtype
+        )
+        self.embeddings, self.final_norm = own["token_embedding"], own["final_norm"]
         self.dtype = self.embeddings.dtype
-        self.embedding_scale = _tensor(math.sqrt(backbone.hidden_dim), dtype).to(
-            self.embeddings.device
-        )
-        self.final_norm = (
-            1.0 + _tensor(backbone.final_norm.scale, dtype).float(),
-            backbone.final_norm.epsilon,
-        )
+        self.embedding_scale = math.embedding_scale(
+            backbone.hidden_dim, self.dtype, TORCH_OPS
+        ).to(self.embeddings.device)
         self.final_cap = backbone.final_logit_soft_cap
         self.kv_heads, self.head_dim = backbone.num_key_value_heads, backbone.head_dim
         self.groups = backbone.num_query_heads // self.kv_heads
         self.ring = caches[0][0].shape[2]  # layer 0 is local
-        exponents = (
-            torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-        )
-        self.inverse_frequencies = 1.0 / torch.pow(
-            float(backbone.rope_max_wavelength), exponents
+        self.inverse_frequencies = math.rope_inverse_frequencies(
+            self.head_dim, backbone.rope_max_wavelength, TORCH_OPS
         ).to(self.embeddings.device)
 
     def _rotation(self, position):
-        """RoPE `(cos, signed_sin)` `[..., H]` at `position` (int or tensor).
-
-        The angles are computed in float32, then cast to the compute dtype.
-
-        `signed_sin` is `[-sin, sin]` over the two halves, so that rotating is
-        `x * cos + roll(x, H / 2) * signed_sin`.
-        """
-        import torch
-
-        angles = position * self.inverse_frequencies  # [..., H/2], float32
-        cos, sin = angles.cos(), angles.sin()
-        return (
-            torch.cat([cos, cos], dim=-1).to(self.dtype),
-            torch.cat([-sin, sin], dim=-1).to(self.dtype),
+        """RoPE `(cos, signed_sin)` `[..., H]` at `position` (int or tensor)."""
+        if isinstance(position, int):
+            position = self.inverse_frequencies.new_tensor(position)
+        return math.rope_rotation(
+            position, self.inverse_frequencies, self.dtype, TORCH_OPS
         )
-
-    def _rope(self, x, rotation):
-        """Rotate `x [..., H]` by `rotation = (cos, signed_sin)` (broadcast)."""
-        import torch
-
-        cos, signed_sin = rotation
-        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), signed_sin)
 
     def _attention_inputs(self, layer, x, rotation):
         """`(query, key, value)` `[..., heads, H]` of `x [..., D]`.
@@ -249,25 +215,23 @@ class TorchDecoder:
         """
         import torch
 
-        h = _rms_norm(x, layer.norms[0])
+        h = _rms_norm(x, layer.pre_attention_norm)
         heads = tuple(x.shape[:-1]) + (-1, self.head_dim)
         query = (h @ layer.query).view(heads)  # [..., N, H]
         key = (h @ layer.key).view(heads)  # [..., K, H]
         # Queries and keys rotate together: one set of kernels, not two.
-        query, key = self._rope(torch.cat([query, key], dim=-2), rotation).split(
-            [query.shape[-2], key.shape[-2]], dim=-2
-        )
+        query, key = math.rope_rotate(
+            torch.cat([query, key], dim=-2), rotation, TORCH_OPS
+        ).split([query.shape[-2], key.shape[-2]], dim=-2)
         value = (h @ layer.value).view(heads)
         return query * layer.scale, key, value
 
     def _block_output(self, layer, x, attended):
         """The block after attention: `x [..., D]`, `attended [..., N * H]`."""
-        import torch
-
-        x = x + _rms_norm(attended @ layer.output, layer.norms[1])
-        h = _rms_norm(x, layer.norms[2])
-        gate = torch.nn.functional.gelu(h @ layer.gate, approximate="tanh")
-        return x + _rms_norm((gate * (h @ layer.up)) @ layer.down, layer.norms[3])
+        x = x + _rms_norm(attended @ layer.output, layer.post_attention_norm)
+        h = _rms_norm(x, layer.pre_ffw_norm)
+        gated = math.geglu(h @ layer.gate, h @ layer.up, TORCH_OPS)
+        return x + _rms_norm(gated @ layer.down, layer.post_ffw_norm)
 
     def _attend(self, layer, query, keys, values, valid=None):
         """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`.
@@ -276,15 +240,12 @@ class TorchDecoder:
         """
         import torch
 
-        logits = torch.matmul(query, keys.transpose(-1, -2)).float()  # [B, K, G, S]
-        logits = _soft_cap(logits, layer.cap)
-        if valid is not None:
-            logits = logits.masked_fill(~valid, -1e9)
-        probabilities = torch.softmax(logits, dim=-1)
+        logits = torch.matmul(query, keys.transpose(-1, -2))  # [B, K, G, S]
+        probabilities = math.masked_softmax(logits, valid, layer.cap, TORCH_OPS)
         return torch.matmul(probabilities.to(values.dtype), values)  # [B, K, G, H]
 
-    def prefill(self, token_ids):
-        """Run `token_ids [B, L]` (positions `0 .. L - 1`) and cache them.
+    def write_prompt(self, token_ids):
+        """Run `token_ids [B, L]` (positions `0 .. L - 1`) into the caches.
 
         Requires `L <= ring`: every key is then inside every query's window,
         so local and global layers alike attend causally, and position `p`
@@ -295,12 +256,12 @@ class TorchDecoder:
         batch, length = token_ids.shape
         if length > self.ring:
             raise ValueError(
-                f"`token_ids` has {length} positions; TorchDecoder.prefill takes "
-                f"at most the ring's {self.ring}."
+                f"`token_ids` has {length} positions; TorchDecoder.write_prompt "
+                f"takes at most the ring's {self.ring}."
             )
         x = self.embeddings[token_ids] * self.embedding_scale  # [B, L, D]
         positions = torch.arange(length, device=x.device)
-        rotation = self._rotation(positions[:, None, None])  # [L, 1, H] each
+        rotation = self._rotation(positions[:, None])  # [L, 1, H] each
         for layer, (key_cache, value_cache) in zip(
             self.layers, self.caches, strict=True
         ):
@@ -322,10 +283,12 @@ class TorchDecoder:
             attended = attended.transpose(1, 2).reshape(batch, length, -1)
             x = self._block_output(layer, x, attended)
 
-    def logits(self, token, position, global_span=None):
-        """Logits `[B, vocabulary]` of `token [B]` at `position`.
+    def append(self, token, position, global_span=None):
+        """Append `token [B]` at `position` to the caches; its next-token logits.
 
-        Writes the token's keys and values into the caches.
+        Writes the token's keys and values into every layer's cache (slot
+        `position % ring` of local layers, `position` of global ones), then
+        returns the logits `[B, vocabulary]` that follow it.
 
         Args:
             token: int `[B]`.
@@ -349,10 +312,8 @@ class TorchDecoder:
         else:
             spans = (self.ring, global_span)
             slots = torch.arange(self.ring, device=x.device)
-            # Position each ring slot holds after this write; < 0: empty.
-            ring_positions = position - torch.remainder(position - slots, self.ring)
             valid = (
-                ring_positions >= 0,
+                ring_positions(position, slots, self.ring) >= 0,
                 torch.arange(global_span, device=x.device) <= position,
             )
         rotation = self._rotation(position)
@@ -374,15 +335,15 @@ class TorchDecoder:
             )
             x = self._block_output(layer, x, attended.reshape(batch, -1))
         x = _rms_norm(x, self.final_norm)
-        return _soft_cap(x @ self.embeddings.T, self.final_cap)
+        return math.soft_cap(x @ self.embeddings.T, self.final_cap, TORCH_OPS)
 
     def _compiled(self, token, position, global_span):
-        """`logits` through the compiled program; eager if it cannot compile."""
+        """`append` through the compiled program; eager if it cannot compile."""
         import torch
 
         if not _COMPILE_FAILURES:
             try:
-                return _compiled_logits()(self, token, position, global_span)
+                return _compiled_append()(self, token, position, global_span)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 _COMPILE_FAILURES.append(error)
                 warnings.warn(
@@ -390,7 +351,7 @@ class TorchDecoder:
                     f"decode step ({error}); decoding eagerly instead.",
                     stacklevel=2,
                 )
-        return self.logits(token, position, global_span)
+        return self.append(token, position, global_span)
 
     def step(self, prompt, prompt_mask, index, done, stop_token_ids, global_span=None):
         """As `decode.decode_step` for an int `index`: `(prompt, done, token)`.
@@ -400,22 +361,19 @@ class TorchDecoder:
         """
         import torch
 
-        sampler = self.causal_lm.sampler
         with torch.no_grad():
             token = prompt[:, index - 1]
             if global_span is None:
-                logits = self.logits(token, index - 1)
+                logits = self.append(token, index - 1)
             else:
                 position = torch.tensor(index - 1, device=token.device)
                 logits = self._compiled(token, position, global_span)
-            probabilities = sampler.compute_probabilities(logits)
-            token = sampler.get_next_token(probabilities).to(prompt.dtype)
-        forced = prompt_mask[:, index]
-        token = torch.where(forced, prompt[:, index], token)
-        prompt[:, index] = token
-        if stop_token_ids is not None:
-            stopped = torch.isin(
-                token, torch.tensor(stop_token_ids, device=token.device)
+            return decode.choose_token(
+                self.causal_lm.sampler,
+                logits,
+                prompt,
+                prompt_mask,
+                index,
+                done,
+                stop_token_ids,
             )
-            done = done | (stopped & ~forced)
-        return prompt, done, token

@@ -2,16 +2,35 @@
 
 Shared by every kernel that forms explicit probabilities (the reference, the
 blocked kernels, `cached_attention`), so that all of them agree to the bit
-on the soft cap, the masked value and the softmax precision.
+on the soft cap, the masked value and the softmax precision. The formula is
+`gemma2_math.masked_softmax`, which `TorchDecoder` calls too.
 """
+
+import types
 
 from keras import ops
 
-from keras_gemma2.layers.soft_capping import soft_cap as apply_soft_cap
+from keras_gemma2.layers.gemma2_math import MASKED_LOGIT, masked_softmax
 
-# Logits of masked positions. Finite so that a row with no visible key (a
-# padded query) gives a uniform softmax instead of NaN.
-MASKED_LOGIT = -1e9
+__all__ = ["MASKED_LOGIT", "masked_probabilities"]
+
+
+def _softmax(x, axis=-1):
+    """`keras.ops.softmax`; over more than 5 axes through a 2-D view.
+
+    TensorFlow's CPU softmax takes at most 5-D tensors.
+    """
+    if len(x.shape) <= 5:
+        return ops.softmax(x, axis=axis)
+    shape = ops.shape(x)
+    flat = ops.softmax(ops.reshape(x, (-1, x.shape[-1])), axis=-1)
+    return ops.reshape(flat, shape)
+
+
+# `keras.ops` with the softmax above, for `masked_softmax`.
+_KERAS_OPS = types.SimpleNamespace(
+    cast=ops.cast, tanh=ops.tanh, where=ops.where, softmax=_softmax
+)
 
 
 def masked_probabilities(logits, mask, soft_cap, dtype, dropout):
@@ -37,15 +56,7 @@ def masked_probabilities(logits, mask, soft_cap, dtype, dropout):
     >>> [round(float(x), 3) for x in ops.convert_to_numpy(p)[0]]
     [0.5, 0.5, 0.0]
     """
-    logits = apply_soft_cap(ops.cast(logits, "float32"), soft_cap)
-    logits = ops.where(mask, logits, MASKED_LOGIT)
-    if len(logits.shape) > 5:
-        # TensorFlow's CPU softmax takes at most 5-D: use a 2-D view.
-        shape = ops.shape(logits)
-        logits = ops.reshape(logits, (-1, logits.shape[-1]))
-        probabilities = ops.reshape(ops.softmax(logits, axis=-1), shape)
-    else:
-        probabilities = ops.softmax(logits, axis=-1)
+    probabilities = masked_softmax(logits, mask, soft_cap, _KERAS_OPS)
     probabilities = ops.cast(probabilities, dtype)
     if dropout is not None:
         probabilities = dropout(probabilities)

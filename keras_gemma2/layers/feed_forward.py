@@ -1,8 +1,8 @@
 """Gemma's GeGLU feed-forward network."""
 
 import keras
-from keras import ops
 
+from keras_gemma2.layers.gemma2_math import geglu
 from keras_gemma2.layers.projection import project
 from keras_gemma2.layers.validation import positive_int
 
@@ -51,8 +51,8 @@ class Gemma2FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        gate = keras.activations.gelu(project(self.gate_dense, x), approximate=True)
-        return project(self.down_dense, ops.multiply(gate, project(self.up_dense, x)))
+        gated = geglu(project(self.gate_dense, x), project(self.up_dense, x))
+        return project(self.down_dense, gated)
 
     def compute_output_shape(self, input_shape):
         return input_shape

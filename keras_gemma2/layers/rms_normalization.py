@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma2.layers.gemma2_math import rms_norm
 from keras_gemma2.layers.validation import non_negative_number
 
 
@@ -38,11 +39,7 @@ class Gemma2RMSNormalization(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        x32 = ops.cast(x, "float32")
-        mean_square = ops.mean(ops.square(x32), axis=-1, keepdims=True)
-        normed = x32 * ops.rsqrt(mean_square + self.epsilon)
-        normed = normed * (1.0 + ops.cast(self.scale, "float32"))
-        return ops.cast(normed, x.dtype)
+        return rms_norm(x, 1.0 + ops.cast(self.scale, "float32"), self.epsilon)
 
     def compute_output_shape(self, input_shape):
         return input_shape

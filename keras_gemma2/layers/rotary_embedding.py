@@ -2,6 +2,12 @@
 
 from keras import ops
 
+from keras_gemma2.layers.gemma2_math import (
+    rope_inverse_frequencies,
+    rope_rotate,
+    rope_rotation,
+)
+
 
 def rotary_embedding(x, positions, max_wavelength=10000.0):
     """Rotate feature pairs `(i, i + H/2)` of `x` by position-dependent angles.
@@ -15,17 +21,9 @@ def rotary_embedding(x, positions, max_wavelength=10000.0):
         Tensor like `x`. The angles are computed in float32.
     """
     x = ops.convert_to_tensor(x)
-    head_dim = x.shape[-1]
-    half = head_dim // 2
-    exponents = ops.arange(0, head_dim, 2, dtype="float32") / float(head_dim)
-    inverse_frequencies = 1.0 / ops.power(float(max_wavelength), exponents)  # [H/2]
-    positions = ops.cast(positions, "float32")
-    angles = ops.expand_dims(positions, -1) * inverse_frequencies  # [..., T, H/2]
-    angles = ops.concatenate([angles, angles], axis=-1)  # [..., T, H]
-    if len(angles.shape) == 2:
-        angles = angles[None]  # [1, T, H]
-    cos = ops.cast(ops.cos(angles), x.dtype)[:, :, None, :]  # [B, T, 1, H]
-    sin = ops.cast(ops.sin(angles), x.dtype)[:, :, None, :]
-    first, second = x[..., :half], x[..., half:]
-    rotated = ops.concatenate([-second, first], axis=-1)
-    return x * cos + rotated * sin
+    inverse_frequencies = rope_inverse_frequencies(x.shape[-1], max_wavelength)
+    cos, signed_sin = rope_rotation(positions, inverse_frequencies, x.dtype)
+    if len(cos.shape) == 2:  # [T, H]
+        cos, signed_sin = cos[None], signed_sin[None]
+    # [B or 1, T, 1, H]: one rotation per position, shared by the heads.
+    return rope_rotate(x, (cos[:, :, None, :], signed_sin[:, :, None, :]))

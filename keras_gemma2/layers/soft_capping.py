@@ -1,7 +1,13 @@
-"""Tanh soft-capping: the one place the `cap * tanh(x / cap)` formula lives."""
+"""Tanh soft-capping as a function and as layers.
+
+The formula itself, `cap * tanh(x / cap)`, is `gemma2_math.soft_cap`, which
+the attention kernels, the output head and `TorchDecoder` all call.
+"""
 
 import keras
 from keras import ops
+
+from keras_gemma2.layers.gemma2_math import soft_cap as capped
 
 
 def soft_cap(x, cap):
@@ -23,10 +29,7 @@ def soft_cap(x, cap):
     """
     if cap is None:
         return x
-    cap = validate_soft_cap(cap, "cap")
-    x = ops.convert_to_tensor(x)
-    cap = ops.cast(cap, x.dtype)
-    return ops.multiply(ops.tanh(ops.divide(x, cap)), cap)
+    return capped(ops.convert_to_tensor(x), validate_soft_cap(cap, "cap"))
 
 
 def validate_soft_cap(value, name):

@@ -16,7 +16,9 @@ import functools
 
 from keras import ops
 
+from keras_gemma2.layers import gemma2_math as math
 from keras_gemma2.layers.attention_masks import visible_key_counts
+from keras_gemma2.layers.torch_ops import TORCH_OPS
 
 # FlexAttention's tile: query and key lengths are padded to a multiple of it.
 FLEX_BLOCK = 128
@@ -159,7 +161,7 @@ def flex_attention(
         cap = float(soft_cap)
 
         def score_mod(score, b, h, q_index, kv_index):
-            return torch.tanh(score / cap) * cap
+            return math.soft_cap(score, cap, TORCH_OPS)
 
     out = _compiled_flex_attention()(
         q,

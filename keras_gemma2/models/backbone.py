@@ -1,12 +1,11 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final norm."""
 
-import math
-
 import keras
 import keras_hub
 
-from keras_gemma2.layers.attention_kernels import validate_attention_implementation
+from keras_gemma2.layers.attention_dispatch import validate_attention_implementation
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
+from keras_gemma2.layers.gemma2_math import embedding_scale
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
 from keras_gemma2.layers.soft_capping import validate_soft_cap
 from keras_gemma2.layers.validation import (
@@ -15,12 +14,8 @@ from keras_gemma2.layers.validation import (
     positive_number,
     unit_rate,
 )
+from keras_gemma2.models.architecture import layer_is_local
 from keras_gemma2.models.presets import bundled_presets, classproperty
-
-
-def layer_is_local(index):
-    """Gemma 2 alternates: layer 0 and every even layer use the sliding window."""
-    return index % 2 == 0
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -211,9 +206,7 @@ class Gemma2Backbone(keras_hub.models.Backbone):
             `(hidden_states [batch, T, hidden_dim], updated cache or None)`.
         """
         x = self.token_embedding(token_ids)
-        # The scale is cast to the compute dtype first, as the reference does.
-        hidden_dim = self.token_embedding.output_dim
-        x = x * keras.ops.cast(math.sqrt(hidden_dim), x.dtype)
+        x = x * embedding_scale(self.token_embedding.output_dim, x.dtype)
         new_cache = []
         for index, block in enumerate(self.transformer_layers):
             if cache is None:

@@ -4,9 +4,6 @@ import keras
 import keras_hub
 from keras import ops
 
-from keras_gemma2.generation.compiled import make_generate_function, program_for
-from keras_gemma2.generation.decode import generate_tokens
-from keras_gemma2.generation.inputs import check_generate_inputs, make_sampler
 from keras_gemma2.layers.last_axis_product import last_axis_product
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
@@ -87,8 +84,9 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
 
         Args:
             token_ids: int tensor `[batch, T]`.
-            cache: `(local_cache, global_cache)`; see
-                `keras_gemma2.generation.kv_cache`.
+            cache: tuple with one `(key_cache, value_cache)` pair per layer,
+                each `[batch, num_key_value_heads, slots, head_dim]` (rings
+                for local layers); see `keras_gemma2.generation.kv_cache`.
             cache_update_index: int scalar, position of the first token.
 
         Returns:
@@ -122,6 +120,8 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
             prefill_length: static int >= the longest prompt; defaults to
                 `max_length`.
         """
+        from keras_gemma2.generation.decode import generate_tokens
+
         token_ids = inputs["token_ids"]
         if prefill_length is None:
             prefill_length = token_ids.shape[1]
@@ -136,6 +136,8 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         so one set of compiled phases serves every prompt up to its bucket;
         see `keras_gemma2.generation.compiled`.
         """
+        from keras_gemma2.generation.compiled import make_generate_function
+
         if self.generate_function is None:
             self.generate_function = make_generate_function(self)
         return self.generate_function
@@ -170,6 +172,8 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         about 15% faster; the default decodes eagerly, which is quicker for
         all but long-running use.
         """
+        from keras_gemma2.generation.inputs import make_sampler
+
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -211,6 +215,8 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
             print(piece, end="", flush=True)
         ```
         """
+        from keras_gemma2.generation.inputs import check_generate_inputs
+
         stop_token_ids = self._stop_token_ids(stop_token_ids)
         check_generate_inputs(self, inputs, max_length)
         if stream:
@@ -235,6 +241,8 @@ class Gemma2CausalLM(keras_hub.models.CausalLM):
         return (tokenizer.end_token_id, tokenizer.end_of_turn_token_id)
 
     def _stream(self, prompt, max_length, stop_token_ids):
+        from keras_gemma2.generation.compiled import program_for
+
         if not isinstance(prompt, str):
             raise ValueError(
                 "`stream=True` takes one string prompt. Received: "

@@ -49,9 +49,6 @@ _SIZES = {
     },
 }
 
-# Context length of every released size (RoPE works past it, quality does not).
-MAX_SEQUENCE_LENGTH = 8192
-
 PRESET_CONFIGS = {
     f"gemma2_{kind}{size}_en": {**_COMMON, **_SIZES[size]}
     for size in _SIZES

@@ -16,11 +16,7 @@ import pytest
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
 from keras_gemma2.checkpoints import hf_export
-from keras_gemma2.checkpoints.hf_checkpoint import (
-    read_hf_config,
-    to_hf_layout,
-    weight_plan,
-)
+from keras_gemma2.checkpoints.hf_checkpoint import read_hf_config
 from keras_gemma2.checkpoints.hf_export import export_to_transformers
 from keras_gemma2.checkpoints.safetensors_files import read_header
 from tests.checkpoints.tiny_sentencepiece import train_sentencepiece
@@ -171,15 +167,6 @@ def test_config_json(causal_lm, tmp_path):
     with open(os.path.join(directory, "generation_config.json")) as file:
         generation = json.load(file)
     assert generation == {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-
-
-def test_to_hf_layout_inverts_weight_plan(causal_lm):
-    rng = np.random.RandomState(0)
-    for name, variable, shape, to_keras in weight_plan(causal_lm.backbone):
-        value = rng.normal(size=tuple(variable.shape)).astype("float32")
-        exported = to_hf_layout(name, value, shape)
-        assert exported.shape == shape, name
-        np.testing.assert_array_equal(to_keras(exported), value, err_msg=name)
 
 
 def test_existing_destination_is_refused_unless_overwrite(causal_lm, tmp_path):

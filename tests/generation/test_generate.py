@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
 from keras_gemma2.generation.kv_cache import decode_cache, empty_cache, ring_size
-from keras_gemma2.models.backbone import layer_is_local
+from keras_gemma2.models.architecture import layer_is_local
 from tests.conftest import TINY_BACKBONE_CONFIG
 
 MAX_LENGTH = 24  # prompts <= 16 prefill in one bucket; decode crosses to 24
