@@ -1,9 +1,13 @@
-"""format_chat against literal Gemma turn strings, and its input errors."""
+"""format_chat against literal Gemma turn strings, HF's chat template, and errors."""
 
 import pytest
+import sentencepiece
 
 from keras_gemma2.models.chat_template import (
+    BOS,
     END_OF_TURN,
+    EOS,
+    PAD,
     START_OF_TURN,
     format_chat,
 )
@@ -99,11 +103,70 @@ def test_content_is_kept_verbatim():
     assert empty == "<start_of_turn>user\n<end_of_turn>\n"
 
 
-def test_constants():
-    assert START_OF_TURN == "<start_of_turn>"
-    assert END_OF_TURN == "<end_of_turn>"
-    assert Gemma2Tokenizer.start_of_turn_token == START_OF_TURN
-    assert Gemma2Tokenizer.end_of_turn_token == END_OF_TURN
+def test_pieces_are_gemma_vocabulary_pieces(gemma_vocabulary):
+    # SentencePiece itself, not our tokenizer, says where each constant sits
+    # (a misspelt piece would map to <unk>, 3) and that its literal text in a
+    # string encodes to that single id, as the chat format relies on.
+    processor = sentencepiece.SentencePieceProcessor(model_file=gemma_vocabulary)
+    # Gemma's ids (GEMMA2.md); the fixture's vocabulary puts them there.
+    gemma_ids = {PAD: 0, EOS: 1, BOS: 2, START_OF_TURN: 106, END_OF_TURN: 107}
+    for piece, gemma_id in gemma_ids.items():
+        assert processor.piece_to_id(piece) == gemma_id, piece
+    for piece in (START_OF_TURN, END_OF_TURN):
+        assert processor.encode(piece) == [gemma_ids[piece]]
+        assert processor.encode(f"a{piece}b") == (
+            processor.encode("a") + [gemma_ids[piece]] + processor.encode("b")
+        )
+    tokenizer = Gemma2Tokenizer(proto=gemma_vocabulary)
+    assert tokenizer.start_of_turn_token_id == processor.piece_to_id("<start_of_turn>")
+    assert tokenizer.end_of_turn_token_id == processor.piece_to_id("<end_of_turn>")
+
+
+# The `chat_template` in the tokenizer_config.json of Google's instruction-tuned
+# Gemma checkpoints on Hugging Face (gemma-2-*-it, as gemma-7b-it before), as
+# transformers renders it: the reference format for Gemma 2 chats.
+HF_GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+    "'<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Why is the sky blue?"}],
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi! How can I help?"},
+            {"role": "user", "content": "Write a haiku\nabout rain."},
+            {"role": "model", "content": "Drops on the window"},
+        ],
+    ],
+    ids=["one_turn", "four_turns"],
+)
+def test_matches_hugging_face_chat_template(messages, add_generation_prompt):
+    # HF's template adds <bos> (our preprocessor does that) and strips each
+    # content; these messages have no outer whitespace, so both agree.
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    (rendered,), _ = render_jinja_template(
+        [messages],
+        chat_template=HF_GEMMA2_CHAT_TEMPLATE,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="<bos>",
+    )
+    ours = format_chat(messages, add_generation_prompt=add_generation_prompt)
+    assert rendered == "<bos>" + ours
 
 
 def test_turn_markers_tokenize_to_gemma_ids(gemma_vocabulary):
