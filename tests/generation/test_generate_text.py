@@ -1,5 +1,7 @@
 """Text in, text out: strings, streaming, and every bad input named."""
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from keras_gemma2 import (
     Gemma2CausalLMPreprocessor,
     Gemma2Tokenizer,
 )
+from tests.conftest import TINY_BACKBONE_CONFIG
 from tests.generation.test_generate import make_causal_lm
 
 
@@ -96,19 +99,32 @@ def test_bad_sampler_settings(kwargs, message):
         causal_lm.compile(**kwargs)
 
 
-def test_seeded_sampling_is_reproducible():
+def test_sampling_follows_the_seed():
     causal_lm = make_causal_lm()
     token_ids = np.zeros((1, 12), "int32")
     mask = np.zeros((1, 12), "int32")
     token_ids[0, :2], mask[0, :2] = [2, 7], 1
     inputs = {"token_ids": token_ids, "padding_mask": mask}
-    outputs = []
-    for _ in range(2):
-        causal_lm.compile(sampler="random", temperature=2.0, seed=1234)
-        outputs.append(
-            np.asarray(causal_lm.generate(inputs, stop_token_ids=None)["token_ids"])
-        )
-    np.testing.assert_array_equal(outputs[0], outputs[1])
+    temperature = 10.0
+
+    # Chance that two independent samples collide: the final soft cap keeps
+    # every logit in [-cap, cap], so no token has probability above
+    # exp(2 cap / T) / V at any step, and two runs of n tokens agree with
+    # probability sum_s P(s)^2 <= max_s P(s) <= (exp(2 cap / T) / V) ** n.
+    cap = TINY_BACKBONE_CONFIG["final_logit_soft_cap"]
+    vocabulary_size = TINY_BACKBONE_CONFIG["vocabulary_size"]
+    new_tokens = token_ids.shape[1] - 2
+    collision = (math.exp(2 * cap / temperature) / vocabulary_size) ** new_tokens
+    assert collision < 1e-12  # 0.0346 ** 10 = 2.5e-15
+
+    def sample(seed):
+        causal_lm.compile(sampler="random", temperature=temperature, seed=seed)
+        outputs = causal_lm.generate(inputs, stop_token_ids=None)
+        return np.asarray(outputs["token_ids"])[0, 2:]
+
+    first = sample(1234)
+    np.testing.assert_array_equal(sample(1234), first)  # the seed repeats
+    assert not np.array_equal(sample(4321), first)  # and it is not ignored
 
 
 def test_tokenizer_must_match_the_embedding(gemma_vocabulary):
