@@ -2,7 +2,9 @@
 
 References: KerasHub's own `GemmaCausalLM` on the saved preset (2B/9B-style
 query scaling) and HF `Gemma2ForCausalLM` (eager) for the 27B-style scaling,
-which KerasHub 0.32's decoder block does not apply.
+which KerasHub 0.32's decoder block does not apply. The HF model is configured
+and filled from the KerasHub model by this file's own name mapping, so no
+mapping code of this package reaches the reference.
 """
 
 import json
@@ -14,16 +16,11 @@ import numpy as np
 import pytest
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
-from keras_gemma2.checkpoints.hf_export import (
-    transformers_config,
-    transformers_tensors,
-)
 from keras_gemma2.checkpoints.keras_hub_preset import (
     backbone_arguments,
     is_keras_hub_gemma_preset,
     keras_hub_backbone_config,
     keras_hub_tokenizer_file,
-    keras_hub_weight_plan,
     load_keras_hub_backbone,
 )
 from tests.checkpoints.tiny_sentencepiece import train_sentencepiece
@@ -90,19 +87,88 @@ def logits(model, inputs):
     return np.asarray(keras.ops.convert_to_numpy(model(inputs)), dtype="float32")
 
 
-def hf_reference(backbone, **config_overrides):
-    """HF `Gemma2ForCausalLM` (eager, float32) holding `backbone`'s weights."""
+# HF norm name -> KerasHub norm name, per decoder block.
+NORM_NAMES = (
+    ("input_layernorm", "pre_attention_norm"),
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "pre_ffw_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+)
+
+
+def hf_reference(keras_hub_lm, query_pre_attn_scalar):
+    """HF `Gemma2ForCausalLM` (eager, float32) holding a KerasHub model's weights.
+
+    The config is written out from KerasHub's config values and every tensor
+    is copied by the KerasHub -> HF name mapping below; nothing of this
+    package takes part. `query_pre_attn_scalar` is chosen by the caller:
+    KerasHub's config says it only as `query_head_dim_normalize`.
+    """
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(**{**transformers_config(backbone), **config_overrides})
+    source = keras_hub_lm.backbone
+    num_layers = source.num_layers
+    config = Gemma2Config(
+        vocab_size=source.vocabulary_size,
+        hidden_size=source.hidden_dim,
+        # KerasHub's intermediate_dim counts both GeGLU branches.
+        intermediate_size=source.intermediate_dim // 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=source.num_query_heads,
+        num_key_value_heads=source.num_key_value_heads,
+        head_dim=source.head_dim,
+        query_pre_attn_scalar=query_pre_attn_scalar,
+        sliding_window=source.sliding_window_size,
+        # KerasHub: local attention on even layers when sliding is on.
+        layer_types=[
+            "sliding_attention" if i % 2 == 0 else "full_attention"
+            for i in range(num_layers)
+        ],
+        attn_logit_softcapping=source.attention_logit_soft_cap,
+        final_logit_softcapping=source.final_logit_soft_cap,
+        rms_norm_eps=source.layer_norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
     config._attn_implementation = "eager"
     model = Gemma2ForCausalLM(config).eval()
+
+    weights = {variable.path: as_float32(variable) for variable in source.weights}
+
+    def heads_to_rows(kernel):  # [heads, hidden, head_dim] -> [heads*head_dim, hidden]
+        return kernel.transpose(0, 2, 1).reshape(-1, kernel.shape[1])
+
     state = {
-        name: torch.from_numpy(array)
-        for name, array in transformers_tensors(backbone, "float32")
+        "model.embed_tokens.weight": weights["token_embedding/embeddings"],
+        "model.norm.weight": weights["final_normalization/scale"],
     }
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for i in range(num_layers):
+        block, layer = f"decoder_block_{i}/", f"model.layers.{i}."
+        for hf_name, keras_hub_name in NORM_NAMES:
+            state[f"{layer}{hf_name}.weight"] = weights[
+                f"{block}{keras_hub_name}/scale"
+            ]
+        for hf_name, keras_hub_name in (("q", "query"), ("k", "key"), ("v", "value")):
+            state[f"{layer}self_attn.{hf_name}_proj.weight"] = heads_to_rows(
+                weights[f"{block}attention/{keras_hub_name}/kernel"]
+            )
+        output = weights[block + "attention/attention_output/kernel"]  # [N, H, D]
+        state[layer + "self_attn.o_proj.weight"] = output.reshape(-1, output.shape[2]).T
+        # KerasHub: gelu(ffw_gating(x)) * ffw_gating_2(x), then ffw_linear.
+        state[layer + "mlp.gate_proj.weight"] = weights[block + "ffw_gating/kernel"].T
+        state[layer + "mlp.up_proj.weight"] = weights[block + "ffw_gating_2/kernel"].T
+        state[layer + "mlp.down_proj.weight"] = weights[block + "ffw_linear/kernel"].T
+
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    expected.pop("lm_head.weight", None)  # tied to the embedding
+    assert {name: array.shape for name, array in state.items()} == expected
+    missing, unexpected = model.load_state_dict(
+        {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in state.items()},
+        strict=False,
+    )
     assert set(missing) <= {"lm_head.weight"} and not unexpected
     return model
 
@@ -111,11 +177,27 @@ def as_float32(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable), "float32")
 
 
+# Parts of our variable paths that KerasHub names otherwise; the rest agree.
+KERAS_HUB_NAMES = {
+    "ffw/gate": "ffw_gating",
+    "ffw/up": "ffw_gating_2",
+    "ffw/down": "ffw_linear",
+    "final_norm": "final_normalization",
+}
+
+
 def assert_weights_equal(ours, reference_backbone):
-    """Our variables equal the reference KerasHub variables, mapped."""
+    """Each of our variables equals its KerasHub variable, mapped by hand."""
     reference = {variable.path: variable for variable in reference_backbone.weights}
-    for path, variable, _, to_ours in keras_hub_weight_plan(ours):
-        expected = to_ours(as_float32(reference[path]))
+    assert len(ours.weights) == len(reference)
+    for variable in ours.weights:
+        path = variable.path
+        for our_name, keras_hub_name in KERAS_HUB_NAMES.items():
+            path = path.replace(our_name + "/", keras_hub_name + "/")
+        expected = as_float32(reference[path])
+        if path.endswith(("query/kernel", "key/kernel", "value/kernel")):
+            # KerasHub [heads, hidden, head_dim]; ours [hidden, heads, head_dim].
+            expected = expected.transpose(1, 0, 2)
         np.testing.assert_array_equal(as_float32(variable), expected, err_msg=path)
 
 
@@ -140,7 +222,7 @@ def test_logits_equal_keras_hub(keras_hub_2b_style, tmp_path, sharded):
     backbone = load_keras_hub_backbone(
         Gemma2Backbone, preset, progress=lambda *args: calls.append(args)
     )
-    assert len(calls) == len(keras_hub_weight_plan(backbone)) == 2 + 11 * 2
+    assert len(calls) == len(backbone.weights) == 2 + 11 * 2
     assert backbone.intermediate_dim == 48
     assert backbone.query_pre_attn_scalar == 8  # head_dim
     # Everything streamed from the h5 file(s) equals KerasHub's own loading
@@ -155,6 +237,19 @@ def test_logits_equal_keras_hub(keras_hub_2b_style, tmp_path, sharded):
     assert np.abs(expected).max() > 0.5 * GEMMA2_SETTINGS["final_logit_soft_cap"]
 
 
+def test_reference_matches_keras_hub_on_2b_style(keras_hub_2b_style):
+    # Where KerasHub applies the scaling its config asks for (head_dim), the
+    # hand-mapped HF reference equals it: `hf_reference`'s mapping is right.
+    inputs = make_inputs()
+    reference = hf_logits(
+        hf_reference(keras_hub_2b_style, GEMMA2_SETTINGS["head_dim"]),
+        inputs["token_ids"],
+    )
+    keras_hub_logits = logits(keras_hub_2b_style, inputs)
+    assert np.abs(keras_hub_logits - reference).max() <= TOLERANCE
+    assert np.abs(reference).max() > 0.5 * GEMMA2_SETTINGS["final_logit_soft_cap"]
+
+
 def test_27b_style_scaling_matches_transformers(tmp_path):
     keras_hub_lm = keras_hub_causal_lm(seed=2, **STYLE_27B)
     preset = str(tmp_path / "preset")
@@ -164,30 +259,35 @@ def test_27b_style_scaling_matches_transformers(tmp_path):
     inputs = make_inputs(seed=2)
     ours = logits(Gemma2CausalLM(backbone), inputs)
 
-    reference = hf_logits(hf_reference(backbone), inputs["token_ids"])
+    # HF with the 27B scaling: hidden / heads = 48 / 4.
+    hidden_over_heads = STYLE_27B["hidden_dim"] // STYLE_27B["num_query_heads"]
+    reference = hf_logits(
+        hf_reference(keras_hub_lm, hidden_over_heads), inputs["token_ids"]
+    )
     assert reference.shape == ours.shape
     difference = float(np.abs(ours - reference).max())
     print(f"PARITY keras_hub 27b-style vs HF: max|dlogit|={difference:.2e}")
     assert difference <= TOLERANCE
 
-    # The test can tell the two scalings apart: HF with head_dim scaling
-    # (what KerasHub's block hard-codes) is far from ours.
-    head_dim_scaled = hf_logits(
-        hf_reference(backbone, query_pre_attn_scalar=STYLE_27B["head_dim"]),
-        inputs["token_ids"],
-    )
-    assert np.abs(ours - head_dim_scaled).max() > 100 * TOLERANCE
-
     # KerasHub 0.32 ignores query_head_dim_normalize=False (its decoder block
-    # passes True): it is far from HF and equal to HF with head_dim scaling.
+    # passes True): it equals HF with head_dim scaling and is far from HF.
+    head_dim_scaled = hf_logits(
+        hf_reference(keras_hub_lm, STYLE_27B["head_dim"]), inputs["token_ids"]
+    )
     keras_hub_logits = logits(keras_hub_lm, inputs)
     keras_hub_difference = float(np.abs(keras_hub_logits - reference).max())
     head_dim_difference = float(np.abs(keras_hub_logits - head_dim_scaled).max())
     print(
         "MEASURED keras_hub GemmaCausalLM, 27b-style (query_head_dim_normalize="
-        f"False): max|dlogit| vs HF={keras_hub_difference:.3f}, vs HF with "
+        f"False): max|dlogit| vs HF={keras_hub_difference:.4f}, vs HF with "
         f"query_pre_attn_scalar=head_dim={head_dim_difference:.1e}"
     )
+    assert head_dim_difference <= TOLERANCE
+    # README ("KerasHub presets and the 27B query scaling") quotes this
+    # model's gap as 0.53; a KerasHub fix or a changed case moves it.
+    assert 0.525 <= keras_hub_difference < 0.535
+    # So ours is far from the head_dim scaling too: the test tells them apart.
+    assert np.abs(ours - head_dim_scaled).max() > 0.5
 
 
 def test_bfloat16_preset_streams_exactly(keras_hub_2b_style, tmp_path):
