@@ -1,4 +1,4 @@
-"""Build a backbone without allocating its weights, for loading (JAX only).
+"""Build a backbone without allocating its weights, for loading (every backend).
 
 This is the one module of keras_gemma2 that touches Keras internals
 (`keras.src`); `tests/checkpoints/test_unallocated.py` fails loudly if they
