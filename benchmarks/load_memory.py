@@ -104,29 +104,16 @@ def write_checkpoint(directory, dtype, shard_bytes=300 * 2**20):
 
 def write_tokenizer(directory):
     """A small SentencePiece model: KerasHub's converter requires one."""
-    import io
+    from keras_gemma2.data import train_sentencepiece
 
-    import sentencepiece
-
-    text = io.StringIO("\n".join(f"line {i} of a tiny corpus" for i in range(500)))
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=text,
-        model_writer=model,
-        vocab_size=60,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        minloglevel=2,
+    proto = train_sentencepiece(
+        [f"line {i} of a tiny corpus" for i in range(500)],
+        vocabulary_size=60,
+        control_pieces=(),
+        byte_fallback=False,
     )
     with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
+        f.write(proto)
 
 
 CHILD = r"""

@@ -2,25 +2,29 @@
 
 Everything it needs is on every machine with Python, offline: the corpus is
 the `.py` sources of the standard library this interpreter runs on (PSF
-license), found at `os.path.dirname(os.__file__)`. The script
+license), found at `os.path.dirname(os.__file__)`. The work is done by
+`keras_gemma2.data`; the script
 
 1. lists the corpus files and splits them into train and held-out parts BY
-   FILE: a file is held out when int(SHA-256 of its relative path) mod 10000
-   is below 100 x `--held-out-percent` (a fixed rule: the same file lands in
-   the same split on every machine; the file set varies with the Python
-   version, which the metadata records);
+   FILE (`held_out_split`): a file is held out when int(SHA-256 of its
+   relative path) mod 10000 is below 100 x `--held-out-percent` (a fixed
+   rule: the same file lands in the same split on every machine; the file
+   set varies with the Python version, which the metadata records);
 2. trains a SentencePiece BPE vocabulary on the train files, laid out like
-   Gemma's: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, control pieces
-   filling 4..105, `<start_of_turn>`=106, `<end_of_turn>`=107, byte fallback,
-   digits split, whitespace kept (plus a `"\\n"` piece, since code is lines);
+   Gemma's (`train_sentencepiece`): `<pad>`=0, `<eos>`=1, `<bos>`=2,
+   `<unk>`=3, control pieces filling 4..105, `<start_of_turn>`=106,
+   `<end_of_turn>`=107, byte fallback, digits split, whitespace kept (plus a
+   `"\\n"` piece, since code is lines);
 3. tokenizes each file with `Gemma2Tokenizer`, joins them as
-   `<bos> file <eos> <bos> file <eos> ...` and trains a `Gemma2CausalLM`
-   with `fit` on random windows of that stream (the model runs without its
-   preprocessor during training; the `Gemma2CausalLMPreprocessor` is attached
-   before saving, so the preset generates from text);
+   `<bos> file <eos> <bos> file <eos> ...` (`token_stream`) and trains a
+   `Gemma2CausalLM` with `fit` on random windows of that stream
+   (`random_windows`; the model runs without its preprocessor during
+   training; the `Gemma2CausalLMPreprocessor` is attached before saving, so
+   the preset generates from text);
 4. saves the preset (`save_to_preset`) with the training facts added to its
    `metadata.json`, writes the loss curve as a PNG, and prints the held-out
-   perplexity of the saved model and of a count-based bigram model (add-k
+   perplexity (`held_out_perplexity` on `sequential_windows`) of the saved
+   model and of a count-based bigram model (`best_bigram_perplexity`: add-k
    smoothing, counts from the train split, same tokenizer; `k` is the best
    of a grid on the held-out windows, so the baseline is as strong as an
    add-k bigram gets).
@@ -52,8 +56,6 @@ Needs `matplotlib` for the PNG (`pip install matplotlib`; it is in the
 """
 
 import argparse
-import hashlib
-import io
 import json
 import math
 import os
@@ -76,10 +78,8 @@ SPECIAL_IDS = {
     "<start_of_turn>": 106,
     "<end_of_turn>": 107,
 }
-# Control pieces between <unk> (3) and <start_of_turn> (106), as in Gemma.
-CONTROL_PIECES = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(100)]
-USER_DEFINED_PIECES = ["<start_of_turn>", "<end_of_turn>", "\n"]
-BIGRAM_K_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+# Code is lines: a piece of its own for the line break (id 108).
+EXTRA_PIECES = ("\n",)
 PROMPT = "def fibonacci(n):"
 
 
@@ -183,17 +183,11 @@ def corpus_files(root):
     return sorted(paths)
 
 
-def is_held_out(relative_path, held_out_percent):
-    """True when the file belongs to the held-out split (by path hash)."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).hexdigest()
-    return int(digest, 16) % 10000 < held_out_percent * 100
-
-
 def split_corpus(root, held_out_percent, max_files=None):
     """`(train_paths, held_out_paths)`, each sorted, each capped at `max_files`."""
-    paths = corpus_files(root)
-    held_out = [p for p in paths if is_held_out(p, held_out_percent)]
-    train = [p for p in paths if not is_held_out(p, held_out_percent)]
+    from keras_gemma2.data import held_out_split
+
+    train, held_out = held_out_split(corpus_files(root), held_out_percent)
     if max_files is not None:
         train, held_out = train[:max_files], held_out[:max_files]
     if not train or not held_out:
@@ -212,149 +206,6 @@ def read_texts(root, paths):
         with open(os.path.join(root, path), encoding="utf-8", errors="replace") as f:
             texts.append(f.read())
     return texts
-
-
-# === Tokenizer ===
-
-
-def train_sentencepiece(texts, vocabulary_size):
-    """Serialized SentencePiece BPE model with Gemma's special ids.
-
-    Deterministic: BPE training on one thread has no random choices.
-    """
-    import sentencepiece
-
-    lines = [line for text in texts for line in text.split("\n") if line.strip()]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocabulary_size,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        control_symbols=CONTROL_PIECES,
-        user_defined_symbols=USER_DEFINED_PIECES,
-        # Gemma's normalizer and trainer settings.
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        byte_fallback=True,
-        split_digits=True,
-        split_by_whitespace=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=0.9995,
-        max_sentence_length=16384,
-        seed_sentencepiece_size=200_000,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-def token_stream(tokenizer, texts):
-    """int32 `[N]`: `<bos> file <eos>` for every text, concatenated."""
-    start, end = tokenizer.start_token_id, tokenizer.end_token_id
-    pieces = []
-    for ids in tokenizer.tokenize(texts):
-        pieces.append(np.concatenate([[start], np.asarray(ids), [end]]))
-    return np.concatenate(pieces).astype("int32")
-
-
-def windows(stream, length, max_tokens=None):
-    """Non-overlapping `[num_windows, length + 1]` slices (inputs + last label)."""
-    if max_tokens is not None:
-        stream = stream[: max_tokens + 1]
-    count = (len(stream) - 1) // length
-    if count == 0:
-        raise ValueError(
-            f"The held-out split has {len(stream)} tokens, fewer than one window "
-            f"of --sequence-length {length} plus a label."
-        )
-    starts = np.arange(count) * length
-    return stream[starts[:, None] + np.arange(length + 1)]
-
-
-def training_dataset(stream, steps, batch_size, length, seed):
-    """`tf.data` of exactly `steps` batches of random windows of `stream`.
-
-    KerasHub's `fit` takes arrays, `tf.data` or grain datasets; `tf.data` is
-    always installed with `keras_hub` and feeds every Keras backend.
-    """
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(stream) - length - 1, steps * batch_size)
-    chunks = stream[starts[:, None] + np.arange(length + 1)]  # [N, length + 1]
-    inputs = {
-        "token_ids": chunks[:, :-1],
-        "padding_mask": np.ones_like(chunks[:, :-1]),
-    }
-    return tf.data.Dataset.from_tensor_slices((inputs, chunks[:, 1:])).batch(batch_size)
-
-
-# === Perplexity ===
-
-
-def model_perplexity(causal_lm, held_out_windows, batch_size):
-    """exp(mean next-token NLL) over every label position of the windows."""
-    # Token ids go straight to the network, past the text preprocessor.
-    preprocessor, causal_lm.preprocessor = causal_lm.preprocessor, None
-    try:
-        return _perplexity(causal_lm, held_out_windows, batch_size)
-    finally:
-        causal_lm.preprocessor = preprocessor
-
-
-def _perplexity(causal_lm, held_out_windows, batch_size):
-    total, count = 0.0, 0
-    for begin in range(0, len(held_out_windows), batch_size):
-        chunk = held_out_windows[begin : begin + batch_size]
-        inputs = {
-            "token_ids": chunk[:, :-1],
-            "padding_mask": np.ones_like(chunk[:, :-1]),
-        }
-        logits = np.asarray(causal_lm.predict_on_batch(inputs), "float64")
-        logits -= logits.max(axis=-1, keepdims=True)
-        log_normalizer = np.log(np.exp(logits).sum(axis=-1))  # [batch, T]
-        label_logits = np.take_along_axis(logits, chunk[:, 1:, None], -1)[..., 0]
-        total += float((log_normalizer - label_logits).sum())
-        count += label_logits.size
-    return math.exp(total / count)
-
-
-def bigram_counts(stream, vocabulary_size):
-    """Sparse bigram counts of `stream`: `(pair_codes, pair_counts, unigram)`."""
-    codes = stream[:-1].astype("int64") * vocabulary_size + stream[1:]
-    pair_codes, pair_counts = np.unique(codes, return_counts=True)
-    context_counts = np.bincount(stream[:-1], minlength=vocabulary_size)
-    return pair_codes, pair_counts, context_counts
-
-
-def bigram_perplexity(counts, held_out_windows, vocabulary_size, k):
-    """Perplexity of the add-k bigram `(c(a, b) + k) / (c(a) + k V)`."""
-    pair_codes, pair_counts, context_counts = counts
-    previous = held_out_windows[:, :-1].ravel().astype("int64")
-    following = held_out_windows[:, 1:].ravel()
-    codes = previous * vocabulary_size + following
-    index = np.minimum(np.searchsorted(pair_codes, codes), len(pair_codes) - 1)
-    joint = np.where(pair_codes[index] == codes, pair_counts[index], 0)
-    probability = (joint + k) / (context_counts[previous] + k * vocabulary_size)
-    return math.exp(-np.log(probability).mean())
-
-
-def best_bigram(counts, held_out_windows, vocabulary_size):
-    """`(perplexity, k)` of the best add-k bigram on `BIGRAM_K_GRID`."""
-    return min(
-        (bigram_perplexity(counts, held_out_windows, vocabulary_size, k), k)
-        for k in BIGRAM_K_GRID
-    )
 
 
 # === Outputs ===
@@ -415,33 +266,13 @@ def reproduce_command(argv):
     )
 
 
-# === Main ===
+# === Steps ===
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    os.environ["KERAS_BACKEND"] = args.backend
-    started = time.time()
+def prepare_corpus(args):
+    """Split and read the corpus, train the tokenizer, tokenize and window it."""
+    from keras_gemma2 import Gemma2Tokenizer, data
 
-    import keras
-
-    from keras_gemma2 import (
-        Gemma2Backbone,
-        Gemma2CausalLM,
-        Gemma2CausalLMPreprocessor,
-        Gemma2Tokenizer,
-    )
-
-    if keras.config.backend() != args.backend:
-        raise RuntimeError(
-            f"keras was imported with backend {keras.config.backend()!r} before "
-            f"--backend {args.backend} could take effect; run this as a script."
-        )
-    os.makedirs(args.output, exist_ok=True)
-    keras.utils.set_random_seed(args.seed)
-
-    # --- Corpus and tokenizer ---
     root = stdlib_root()
     train_paths, held_out_paths = split_corpus(
         root, args.held_out_percent, args.max_files
@@ -453,37 +284,46 @@ def main(argv=None):
         f"corpus: {root} (Python {sys.version.split()[0]}): {len(train_paths)} train "
         f"/ {len(held_out_paths)} held-out files, {corpus_bytes / 1e6:.1f} MB"
     )
-    proto = train_sentencepiece(train_texts, args.vocabulary_size)
+    proto = data.train_sentencepiece(
+        train_texts,
+        args.vocabulary_size,
+        user_defined_pieces=data.GEMMA_TURN_PIECES + EXTRA_PIECES,
+    )
     with open(os.path.join(args.output, "tokenizer.model"), "wb") as file:
         file.write(proto)
     tokenizer = Gemma2Tokenizer(proto=proto)
     for piece, expected in SPECIAL_IDS.items():
         if tokenizer.token_to_id(piece) != expected:
             raise RuntimeError(f"{piece} got id {tokenizer.token_to_id(piece)}")
-    train_stream = token_stream(tokenizer, train_texts)
-    held_out_stream = token_stream(tokenizer, held_out_texts)
+    train_stream = data.token_stream(tokenizer, train_texts)
+    held_out_stream = data.token_stream(tokenizer, held_out_texts)
     if len(train_stream) <= args.sequence_length + 1:
         raise ValueError(
             f"The train split has {len(train_stream)} tokens, too few for one "
             f"window of --sequence-length {args.sequence_length}."
         )
-    held_out_windows = windows(held_out_stream, args.sequence_length, args.eval_tokens)
-    # A fixed, evenly spread subset scored after every interval.
-    curve_windows = held_out_windows[
-        np.linspace(0, len(held_out_windows) - 1, min(16, len(held_out_windows)))
-        .round()
-        .astype(int)
-    ]
-    print(
-        f"tokenizer: {tokenizer.vocabulary_size()} pieces; tokens: "
-        f"{len(train_stream):,} train, {len(held_out_stream):,} held-out "
-        f"({held_out_windows.size - len(held_out_windows):,} scored); "
-        f"{time.time() - started:.0f}s"
+    held_out_windows = data.sequential_windows(
+        held_out_stream, args.sequence_length, args.eval_tokens
     )
+    return {
+        "tokenizer": tokenizer,
+        "train_files": len(train_paths),
+        "held_out_files": len(held_out_paths),
+        "bytes": corpus_bytes,
+        "train_stream": train_stream,
+        "held_out_tokens": len(held_out_stream),
+        "held_out_windows": held_out_windows,
+    }
 
-    # --- Model ---
+
+def build_causal_lm(args, vocabulary_size):
+    """A compiled `Gemma2CausalLM`: AdamW, warmup then cosine decay."""
+    import keras
+
+    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+
     backbone = Gemma2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
+        vocabulary_size=vocabulary_size,
         num_layers=args.num_layers,
         num_query_heads=args.num_query_heads,
         num_key_value_heads=args.num_key_value_heads,
@@ -509,28 +349,33 @@ def main(argv=None):
         weighted_metrics=[],
         sampler="greedy",
     )
-    print(
-        f"model: {causal_lm.count_params():,} parameters, {args.num_layers} layers "
-        f"(local window {args.sliding_window_size} / global), "
-        f"{args.num_query_heads}/{args.num_key_value_heads} query/kv heads, "
-        f"backend {args.backend}"
-    )
+    return causal_lm
 
-    # --- Training: one Keras "epoch" per loss-curve interval ---
-    train_batches = training_dataset(
-        train_stream, args.steps, args.batch_size, args.sequence_length, args.seed
+
+def train(causal_lm, args, train_stream, held_out_windows):
+    """Fit on random windows; return the loss curve, one point per interval.
+
+    Each interval is one Keras "epoch", validated on a fixed, evenly spread
+    subset of the held-out windows. `tf.data` feeds every Keras backend and
+    is always installed with `keras_hub`.
+    """
+    import tensorflow as tf
+
+    from keras_gemma2 import data
+
+    windows = data.random_windows(
+        train_stream, args.steps * args.batch_size, args.sequence_length, args.seed
     )
-    validation = (
-        {
-            "token_ids": curve_windows[:, :-1],
-            "padding_mask": np.ones_like(curve_windows[:, :-1]),
-        },
-        curve_windows[:, 1:],
+    train_batches = tf.data.Dataset.from_tensor_slices(
+        data.window_inputs_and_labels(windows)
+    ).batch(args.batch_size)
+    picks = np.linspace(0, len(held_out_windows) - 1, min(16, len(held_out_windows)))
+    validation = data.window_inputs_and_labels(
+        held_out_windows[picks.round().astype(int)]
     )
     interval = min(args.log_every, args.steps)
     full_epochs, remainder = divmod(args.steps, interval)
     curve = []
-    train_started = time.time()
     for epochs, steps_per_epoch, initial in (
         (full_epochs, interval, 0),
         (full_epochs + 1, remainder, full_epochs),
@@ -552,6 +397,67 @@ def main(argv=None):
         ):
             step = (curve[-1]["step"] if curve else 0) + steps_per_epoch
             curve.append({"step": step, "loss": loss, "held_out_loss": held_out_loss})
+    return curve
+
+
+def corpus_facts(args, corpus):
+    """The `corpus` entry of the preset's metadata."""
+    return {
+        "description": (
+            "The .py files of the Python standard library (excluding "
+            f"{', '.join(EXCLUDED_TOP_LEVEL + EXCLUDED_TOP_LEVEL_PREFIXES)}), "
+            "split into train and held-out BY FILE: held out when "
+            "int(sha256(relative path)) % 10000 < held_out_percent * 100."
+        ),
+        "license": "PSF-2.0",
+        "python_version": sys.version.split()[0],
+        "held_out_percent": args.held_out_percent,
+        "train_files": corpus["train_files"],
+        "held_out_files": corpus["held_out_files"],
+        "bytes": corpus["bytes"],
+        "train_tokens": int(len(corpus["train_stream"])),
+        "held_out_tokens": int(corpus["held_out_tokens"]),
+    }
+
+
+# === Main ===
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+    started = time.time()
+
+    import keras
+
+    from keras_gemma2 import Gemma2CausalLM, Gemma2CausalLMPreprocessor, data
+
+    if keras.config.backend() != args.backend:
+        raise RuntimeError(
+            f"keras was imported with backend {keras.config.backend()!r} before "
+            f"--backend {args.backend} could take effect; run this as a script."
+        )
+    os.makedirs(args.output, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+
+    corpus = prepare_corpus(args)
+    tokenizer, held_out_windows = corpus["tokenizer"], corpus["held_out_windows"]
+    held_out_tokens = held_out_windows.size - len(held_out_windows)
+    print(
+        f"tokenizer: {tokenizer.vocabulary_size()} pieces; tokens: "
+        f"{len(corpus['train_stream']):,} train, {corpus['held_out_tokens']:,} "
+        f"held-out ({held_out_tokens:,} scored); {time.time() - started:.0f}s"
+    )
+    causal_lm = build_causal_lm(args, tokenizer.vocabulary_size())
+    print(
+        f"model: {causal_lm.count_params():,} parameters, {args.num_layers} layers "
+        f"(local window {args.sliding_window_size} / global), "
+        f"{args.num_query_heads}/{args.num_key_value_heads} query/kv heads, "
+        f"backend {args.backend}"
+    )
+    train_started = time.time()
+    curve = train(causal_lm, args, corpus["train_stream"], held_out_windows)
     train_seconds = time.time() - train_started
     tokens_seen = args.steps * args.batch_size * args.sequence_length
     print(
@@ -565,15 +471,12 @@ def main(argv=None):
     )
     causal_lm.save_to_preset(args.preset_dir, overwrite=True)
     saved = Gemma2CausalLM.from_preset(args.preset_dir)
-    model_ppl = model_perplexity(saved, held_out_windows, args.batch_size)
-    counts = bigram_counts(train_stream, tokenizer.vocabulary_size())
-    bigram_ppl, bigram_k = best_bigram(
-        counts, held_out_windows, tokenizer.vocabulary_size()
-    )
-    held_out_tokens = held_out_windows.size - len(held_out_windows)
+    model_ppl = data.held_out_perplexity(saved, held_out_windows, args.batch_size)
+    counts = data.count_bigrams(corpus["train_stream"], tokenizer.vocabulary_size())
+    bigram_ppl, bigram_k = data.best_bigram_perplexity(counts, held_out_windows)
     print(
         f"held-out perplexity ({held_out_tokens:,} tokens, "
-        f"{len(held_out_paths)} files): model {model_ppl:.2f}, "
+        f"{corpus['held_out_files']} files): model {model_ppl:.2f}, "
         f"bigram {bigram_ppl:.2f} (add-k, k={bigram_k:g})"
     )
     if args.sample_length > 0:
@@ -600,22 +503,7 @@ def main(argv=None):
             "text, it does not follow instructions or know facts."
         ),
         "license": "Apache-2.0",
-        "corpus": {
-            "description": (
-                "The .py files of the Python standard library (excluding "
-                f"{', '.join(EXCLUDED_TOP_LEVEL + EXCLUDED_TOP_LEVEL_PREFIXES)}), "
-                "split into train and held-out BY FILE: held out when "
-                "int(sha256(relative path)) % 10000 < held_out_percent * 100."
-            ),
-            "license": "PSF-2.0",
-            "python_version": sys.version.split()[0],
-            "held_out_percent": args.held_out_percent,
-            "train_files": len(train_paths),
-            "held_out_files": len(held_out_paths),
-            "bytes": corpus_bytes,
-            "train_tokens": int(len(train_stream)),
-            "held_out_tokens": int(len(held_out_stream)),
-        },
+        "corpus": corpus_facts(args, corpus),
         "training": {
             "steps": args.steps,
             "batch_size": args.batch_size,

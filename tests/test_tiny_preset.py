@@ -6,6 +6,8 @@
   in float64 numpy, stays under the recorded value times a margin and below
   an add-k bigram fitted here on the train split (with the best `k` for the
   sample, so the strongest add-k bigram).
+- Its tokenizer is what `keras_gemma2.data.train_sentencepiece` trains on the
+  train split, byte for byte (on the Python version the metadata records).
 - Greedy generation gives the same token ids on jax, tensorflow and torch.
 - `examples/pretrain_tiny.py` runs end to end at toy sizes.
 """
@@ -24,6 +26,7 @@ import pytest
 from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+from keras_gemma2.data import GEMMA_TURN_PIECES, train_sentencepiece
 
 PRESET = "gemma2_tiny_python"
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,6 +259,23 @@ def test_held_out_perplexity_under_recorded_bound_and_bigram(
     )
     assert model_perplexity < SAMPLE_MARGIN * recorded
     assert model_perplexity < bigram_perplexity
+
+
+def test_tokenizer_trains_again_from_the_train_split(metadata, split):
+    corpus = metadata["corpus"]
+    if sys.version.split()[0] != corpus["python_version"]:
+        pytest.skip(f"the corpus is Python {corpus['python_version']}'s library")
+    assert len(split[0]) == corpus["train_files"]
+    assert len(split[1]) == corpus["held_out_files"]
+    proto = train_sentencepiece(
+        [read(path) for path in split[0]],
+        vocabulary_size=4096,
+        user_defined_pieces=GEMMA_TURN_PIECES + ("\n",),
+    )
+    directory = Gemma2CausalLM.presets[PRESET]["path"]
+    path = os.path.join(directory, "assets", "tokenizer", "vocabulary.spm")
+    with open(path, "rb") as file:
+        assert proto == file.read()
 
 
 # === Greedy generation on every backend ===

@@ -74,19 +74,15 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
 
     Example:
 
-    >>> import io
     >>> import keras
-    >>> import sentencepiece
-    >>> model = io.BytesIO()
-    >>> sentencepiece.SentencePieceTrainer.train(
-    ...     sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"]),
-    ...     model_writer=model, model_type="bpe", vocab_size=40,
-    ...     hard_vocab_limit=False, add_dummy_prefix=False,
-    ...     pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-    ...     eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-    ...     user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-    ...     minloglevel=2)
-    >>> tokenizer = Gemma2Tokenizer(proto=model.getvalue())
+    >>> from keras_gemma2.data import train_sentencepiece
+    >>> proto = train_sentencepiece(
+    ...     ["the quick brown fox jumps over the lazy dog"],
+    ...     vocabulary_size=40,
+    ...     control_pieces=[],
+    ...     byte_fallback=False,
+    ... )
+    >>> tokenizer = Gemma2Tokenizer(proto=proto)
     >>> preprocessor = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=12)
     >>> x, y, sample_weight = preprocessor(["the fox", "the lazy dog"])
     >>> token_ids = keras.ops.convert_to_numpy(x["token_ids"])

@@ -1,39 +1,20 @@
 """A tiny Gemma-like SentencePiece model, trained in milliseconds for tests."""
 
-import io
 import random
+
+from keras_gemma2.data import train_sentencepiece as train_gemma_sentencepiece
 
 
 def train_sentencepiece(vocabulary_size=90):
     """Return model bytes with Gemma's ids: <pad>=0, <eos>=1, <bos>=2, <unk>=3.
 
-    Also holds `<start_of_turn>` and `<end_of_turn>` (4 and 5), and uses
-    Gemma's normalizer settings: no dummy prefix, whitespace kept as is.
+    Also holds `<start_of_turn>` and `<end_of_turn>` (4 and 5: no control
+    pieces), and uses Gemma's settings but for byte fallback (256 byte
+    pieces would not fit in a vocabulary this small).
     """
-    import sentencepiece
-
     rng = random.Random(0)
     words = "the quick brown fox jumps over lazy dog gemma keras model 2024".split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=vocabulary_size,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        split_digits=True,
-        minloglevel=2,
+    return train_gemma_sentencepiece(
+        lines, vocabulary_size, control_pieces=(), byte_fallback=False
     )
-    return model.getvalue()

@@ -8,6 +8,7 @@ import keras_hub
 import numpy as np
 import pytest
 
+from keras_gemma2.data import train_sentencepiece
 from keras_gemma2.models.tokenizer import Gemma2Tokenizer
 from tests.text_fixtures import GEMMA_SPECIAL_IDS, UNICODE_SENTENCES, train_vocabulary
 
@@ -56,29 +57,16 @@ def test_special_token_ids_are_found_by_piece(tokenizer):
         assert tokenizer.id_to_token(token_id) == piece
 
 
-def test_ids_follow_the_vocabulary_not_fixed_numbers(tmp_path):
+def test_ids_follow_the_vocabulary_not_fixed_numbers():
     # Without Gemma's 102 control pieces the turn markers sit at 4 and 5.
-    import sentencepiece
-
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 3),
-        model_prefix=str(tmp_path / "small"),
-        model_type="bpe",
-        vocab_size=40,
-        hard_vocab_limit=False,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<end_of_turn>", "<start_of_turn>"],
-        minloglevel=2,
+    proto = train_sentencepiece(
+        ["the quick brown fox jumps over the lazy dog"] * 3,
+        vocabulary_size=40,
+        control_pieces=(),
+        user_defined_pieces=["<end_of_turn>", "<start_of_turn>"],
+        byte_fallback=False,
     )
-    path = tmp_path / "small.model"
-    tokenizer = Gemma2Tokenizer(proto=str(path))
+    tokenizer = Gemma2Tokenizer(proto=proto)
     assert tokenizer.end_of_turn_token_id == 4
     assert tokenizer.start_of_turn_token_id == 5
 
