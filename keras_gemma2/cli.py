@@ -84,8 +84,6 @@ def build_parser():
 
 def convert(args):
     """Load `args.source`, write it to `args.destination` in `args.to` format."""
-    import os
-
     import keras
 
     from keras_gemma2.checkpoints.preset_loading import load_causal_lm

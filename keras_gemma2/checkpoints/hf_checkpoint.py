@@ -1,6 +1,5 @@
 """Read Hugging Face Gemma 2 checkpoints (config.json + safetensors)."""
 
-import json
 import os
 
 import keras
@@ -15,6 +14,7 @@ from keras_gemma2.checkpoints.unallocated import (
 )
 from keras_gemma2.models import weight_table
 from keras_gemma2.models.architecture import layer_is_local
+from keras_gemma2.models.json_file import read_json
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -49,11 +49,7 @@ def read_hf_config(directory):
         raise FileNotFoundError(
             f"No {CONFIG_FILE} in the checkpoint directory {directory}."
         )
-    try:
-        with open(path) as file:
-            config = json.load(file)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    config = read_json(path)
     if config.get("model_type") != "gemma2":
         raise ValueError(
             f"{path} describes model_type={config.get('model_type')!r}; expected "

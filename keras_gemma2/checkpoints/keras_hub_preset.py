@@ -20,6 +20,7 @@ from keras_gemma2.checkpoints import keras_h5_weights
 from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
 from keras_gemma2.checkpoints.unallocated import fill, forget_pending
 from keras_gemma2.models import weight_table
+from keras_gemma2.models.json_file import read_json
 
 CONFIG_FILE = "config.json"
 _CLASS_NAMES = ("keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone")
@@ -141,11 +142,7 @@ def read_keras_hub_config(directory):
         raise FileNotFoundError(
             f"No {CONFIG_FILE} in the KerasHub preset directory {directory}."
         )
-    try:
-        with open(path) as file:
-            serialized = json.load(file)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    serialized = read_json(path)
     name = _class_name(serialized) if isinstance(serialized, dict) else None
     if name not in _CLASS_NAMES:
         raise ValueError(

@@ -20,6 +20,7 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
     load_hf_weights,
     read_hf_config,
 )
+from keras_gemma2.models.json_file import read_json
 from keras_gemma2.models.presets import PRESET_CONFIGS, bundled_presets
 
 KERAS_GEMMA2 = "keras_gemma2"
@@ -67,11 +68,7 @@ def preset_format(directory):
         raise ValueError(
             f"The directory {directory} is not a Gemma 2 preset: it has no config.json."
         )
-    try:
-        with open(path) as file:
-            config = json.load(file)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    config = read_json(path)
     if "model_type" in config:
         return TRANSFORMERS
     registered = config.get("registered_name") or ""

@@ -22,12 +22,11 @@ SAMPLERS = {
 
 def make_sampler(sampler, temperature=1.0, seed=None):
     """A `keras_hub.samplers.Sampler` from a name or an instance, validated."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(
-            "Received an invalid value for `temperature`, expected a positive "
-            f"number. Received: temperature={temperature!r}"
-        )
-    if temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or temperature <= 0
+    ):
         raise ValueError(
             "Received an invalid value for `temperature`, expected a positive "
             f"number. Received: temperature={temperature!r}"

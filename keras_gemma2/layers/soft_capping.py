@@ -81,6 +81,12 @@ class SoftCappedDense(keras.layers.Dense):
     Being a `Dense`, it keeps Keras' LoRA (`enable_lora`) and quantization
     hooks. The cap is applied after the bias and activation.
 
+    `Gemma2CausalLM` does not use it: Gemma 2's output head is the token
+    embedding itself, transposed (`ReversibleEmbedding(reverse=True)`), so
+    its soft cap is the `SoftCap` layer over the tied logits. This layer is
+    for heads with weights of their own, e.g. a classifier or a value head
+    on `Gemma2Backbone`, or an untied student head in distillation.
+
     Args:
         units: int. Output width.
         soft_cap: float or `None`. The bound applied to the outputs.

@@ -1,6 +1,5 @@
 """Gemma2Tokenizer: Gemma's SentencePiece vocabulary and its special tokens."""
 
-import json
 import os
 
 import keras
@@ -14,6 +13,7 @@ from keras_gemma2.models.chat_template import (
     PAD,
     START_OF_TURN,
 )
+from keras_gemma2.models.json_file import read_json
 
 # Attribute name -> vocabulary piece. Each piece is looked up in the
 # vocabulary; the ids in the comments are where Gemma's own vocabulary has it.
@@ -256,11 +256,7 @@ def read_keras_config(path):
     """A serialized Keras object in `path`, or `None` if absent or not one."""
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as file:
-            config = json.load(file)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    config = read_json(path)
     # Hugging Face's tokenizer.json has "model"/"added_tokens", no "class_name".
     if isinstance(config, dict) and "class_name" in config and "config" in config:
         return config
