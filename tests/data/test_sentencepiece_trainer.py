@@ -133,7 +133,12 @@ def test_deterministic_and_blank_lines_are_left_out():
     arguments = {"vocabulary_size": 40, "control_pieces": (), "byte_fallback": False}
     first = train_sentencepiece(SMALL_CORPUS, **arguments)
     assert train_sentencepiece(SMALL_CORPUS, **arguments) == first
-    with_blank_lines = ["\n\n".join(SMALL_CORPUS[:2]), "   \n" + SMALL_CORPUS[2]]
+    # Enough whitespace-only lines that, kept, they would add "▁▁" pieces.
+    whitespace = "\n".join(["      ", "\t  "] * 20)
+    with_blank_lines = [
+        "\n\n".join(SMALL_CORPUS[:2]),
+        whitespace + "\n" + SMALL_CORPUS[2],
+    ]
     assert (
         train_sentencepiece(with_blank_lines + SMALL_CORPUS[3:], **arguments) == first
     )
