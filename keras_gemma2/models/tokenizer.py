@@ -207,15 +207,11 @@ class Gemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
 
         directory = resolve_preset(preset)
         config_path = os.path.join(directory, config_file)
-        saved = read_keras_config(config_path)
+        saved = read_compatible_config(
+            config_path, COMPATIBLE_CLASSES, _KERAS_HUB_ARGUMENTS
+        )
         if saved is not None:
-            registered_name = saved.get("registered_name")
-            if registered_name not in COMPATIBLE_CLASSES:
-                raise ValueError(
-                    f"{config_path} describes a {registered_name!r}, expected "
-                    f"one of {list(COMPATIBLE_CLASSES)} (a Gemma SentencePiece "
-                    "tokenizer)."
-                )
+            registered_name, config = saved
             asset_directory = os.path.splitext(config_file)[0]
             vocabulary_path = os.path.join(
                 directory, "assets", asset_directory, VOCABULARY_FILE
@@ -225,13 +221,6 @@ class Gemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
                     f"{config_path} names a {registered_name!r}, but its "
                     f"vocabulary file {vocabulary_path} does not exist."
                 )
-            config = dict(saved.get("config") or {})
-            if registered_name != COMPATIBLE_CLASSES[0]:
-                config = {
-                    key: value
-                    for key, value in config.items()
-                    if key in _KERAS_HUB_ARGUMENTS
-                }
             config.update(kwargs)
             config["proto"] = _read_bytes(vocabulary_path)
             return cls.from_config(config)
@@ -250,6 +239,35 @@ def _read_bytes(path):
     """The contents of `path` as bytes."""
     with open(path, "rb") as file:
         return file.read()
+
+
+def read_compatible_config(path, compatible_classes, keras_hub_arguments):
+    """`(registered_name, config)` of a saved object we can rebuild, or `None`.
+
+    Args:
+        path: a Keras config file (e.g. `tokenizer.json`); `None` is
+            returned when it is absent or is no serialized Keras object.
+        compatible_classes: registered names accepted, ours first.
+        keras_hub_arguments: the arguments kept from a KerasHub config (ours
+            keeps all of its own).
+
+    Raises:
+        ValueError: the file describes another class (the message names the
+            file, the class and the ones expected).
+    """
+    saved = read_keras_config(path)
+    if saved is None:
+        return None
+    registered_name = saved.get("registered_name")
+    if registered_name not in compatible_classes:
+        raise ValueError(
+            f"{path} describes a {registered_name!r}, expected one of "
+            f"{list(compatible_classes)}."
+        )
+    config = dict(saved.get("config") or {})
+    if registered_name != compatible_classes[0]:
+        config = {k: v for k, v in config.items() if k in keras_hub_arguments}
+    return registered_name, config
 
 
 def read_keras_config(path):
