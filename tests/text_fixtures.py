@@ -77,3 +77,33 @@ def gemma_vocabulary(tmp_path_factory):
                 f"expected {expected} as in Gemma's vocabulary."
             )
     return path
+
+
+def make_text_causal_lm(vocabulary_path, sequence_length):
+    """A tiny random `Gemma2CausalLM` with a preprocessor over `vocabulary_path`.
+
+    Two layers (one local with window 4, one global), GQA: small enough for
+    text-level tests (generate, streaming, the CLI) to run in seconds.
+    """
+    from keras_gemma2 import (
+        Gemma2Backbone,
+        Gemma2CausalLM,
+        Gemma2CausalLMPreprocessor,
+        Gemma2Tokenizer,
+    )
+
+    tokenizer = Gemma2Tokenizer(proto=vocabulary_path)
+    backbone = Gemma2Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=24,
+        head_dim=8,
+        sliding_window_size=4,
+    )
+    preprocessor = Gemma2CausalLMPreprocessor(
+        tokenizer, sequence_length=sequence_length
+    )
+    return Gemma2CausalLM(backbone, preprocessor)

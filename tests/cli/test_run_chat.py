@@ -5,31 +5,17 @@ import builtins
 import pytest
 
 from keras_gemma2 import (
-    Gemma2Backbone,
     Gemma2CausalLM,
-    Gemma2CausalLMPreprocessor,
-    Gemma2Tokenizer,
     cli,
 )
 from keras_gemma2.cli import main
+from tests.text_fixtures import make_text_causal_lm
 
 
 @pytest.fixture(scope="module")
 def preset(gemma_vocabulary, tmp_path_factory):
-    tokenizer = Gemma2Tokenizer(proto=gemma_vocabulary)
-    backbone = Gemma2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=24,
-        head_dim=8,
-        sliding_window_size=4,
-    )
-    preprocessor = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=64)
     directory = str(tmp_path_factory.mktemp("cli") / "preset")
-    Gemma2CausalLM(backbone, preprocessor).save_to_preset(directory)
+    make_text_causal_lm(gemma_vocabulary, sequence_length=64).save_to_preset(directory)
     return directory
 
 

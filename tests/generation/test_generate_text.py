@@ -14,24 +14,13 @@ from keras_gemma2 import (
 )
 from tests.conftest import TINY_BACKBONE_CONFIG
 from tests.generation.test_generate import make_causal_lm
+from tests.text_fixtures import make_text_causal_lm
 
 
 @pytest.fixture(scope="module")
 def text_lm(gemma_vocabulary):
     keras.utils.set_random_seed(0)
-    tokenizer = Gemma2Tokenizer(proto=gemma_vocabulary)
-    backbone = Gemma2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=24,
-        head_dim=8,
-        sliding_window_size=4,
-    )
-    preprocessor = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=24)
-    causal_lm = Gemma2CausalLM(backbone, preprocessor)
+    causal_lm = make_text_causal_lm(gemma_vocabulary, sequence_length=24)
     causal_lm.compile(sampler="greedy")
     return causal_lm
 
