@@ -6,16 +6,20 @@ step calls these instead. Each primitive takes the arguments its `keras.ops`
 namesake takes, in the way `gemma2_math` calls it.
 """
 
+import functools
 import types
 
 
+@functools.cache
 def _torch():
     import torch
 
     return torch
 
 
+@functools.cache
 def _dtype(dtype):
+    """`torch.float32` for `"float32"` (or for `torch.float32`)."""
     torch = _torch()
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
 
