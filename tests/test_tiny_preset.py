@@ -9,10 +9,12 @@
 - Its tokenizer is what `keras_gemma2.data.train_sentencepiece` trains on the
   train split, byte for byte (on the Python version the metadata records).
 - Greedy generation gives the same token ids on jax, tensorflow and torch.
-- `examples/pretrain_tiny.py` runs end to end at toy sizes.
+- `examples/pretrain_tiny.py` lists and splits the corpus as the metadata
+  says, and runs end to end at toy sizes.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -26,7 +28,12 @@ import pytest
 from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
-from keras_gemma2.data import GEMMA_TURN_PIECES, train_sentencepiece
+from keras_gemma2.data import (
+    GEMMA_TURN_PIECES,
+    held_out_split,
+    list_text_files,
+    train_sentencepiece,
+)
 
 PRESET = "gemma2_tiny_python"
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +266,18 @@ def test_held_out_perplexity_under_recorded_bound_and_bigram(
     )
     assert model_perplexity < SAMPLE_MARGIN * recorded
     assert model_perplexity < bigram_perplexity
+
+
+def test_script_splits_the_corpus_the_metadata_describes(metadata, split):
+    # The script's listing and split, through `keras_gemma2.data`, against the
+    # rule written out above; its description is the one shipped.
+    spec = importlib.util.spec_from_file_location("pretrain_tiny", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paths = list_text_files(STDLIB, ".py", exclude=script.EXCLUDED)
+    percent = metadata["corpus"]["held_out_percent"]
+    assert held_out_split(paths, percent) == split
+    assert script.CORPUS_DESCRIPTION == metadata["corpus"]["description"]
 
 
 def test_tokenizer_trains_again_from_the_train_split(metadata, split):

@@ -1,6 +1,7 @@
-"""Atomic directory writes: build in a temporary sibling, rename into place."""
+"""Atomic writes: build in a temporary sibling, rename into place."""
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -53,3 +54,40 @@ def atomic_directory(destination, overwrite=False):
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, destination)
+
+
+def atomic_write_json(path, value):
+    """Write `value` to the file `path` as indented JSON, all or nothing.
+
+    The JSON (indent 2, a final newline) goes to a temporary sibling first,
+    which `os.replace` then renames to `path`: a reader sees the old file or
+    the whole new one, and a value that is not JSON leaves `path` as it was.
+
+    Args:
+        path: path of the file to write.
+        value: the JSON-serializable value.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> from keras_gemma2.checkpoints.atomic import atomic_write_json
+    >>> path = os.path.join(tempfile.mkdtemp(), "metadata.json")
+    >>> atomic_write_json(path, {"steps": 5})
+    >>> print(open(path).read())
+    {
+      "steps": 5
+    }
+    <BLANKLINE>
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.partial")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(value, file, indent=2)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

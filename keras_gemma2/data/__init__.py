@@ -1,4 +1,4 @@
-"""Training and evaluation data: tokenizers, corpora, windows, baselines.
+"""Training and evaluation data: corpora, tokenizers, windows, fitting, baselines.
 
 Builds on `keras_gemma2.models` and is never imported by it.
 """
@@ -15,6 +15,7 @@ from keras_gemma2.data.corpus_windows import (
     sequential_windows,
     window_inputs_and_labels,
 )
+from keras_gemma2.data.fit_on_windows import fit_on_windows
 from keras_gemma2.data.held_out_split import held_out_split, is_held_out
 from keras_gemma2.data.perplexity import held_out_perplexity
 from keras_gemma2.data.sentencepiece_trainer import (
@@ -22,6 +23,7 @@ from keras_gemma2.data.sentencepiece_trainer import (
     GEMMA_TURN_PIECES,
     train_sentencepiece,
 )
+from keras_gemma2.data.text_files import list_text_files, read_text_files
 from keras_gemma2.data.token_stream import token_stream
 
 __all__ = [
@@ -32,10 +34,13 @@ __all__ = [
     "best_bigram_perplexity",
     "bigram_perplexity",
     "count_bigrams",
+    "fit_on_windows",
     "held_out_perplexity",
     "held_out_split",
     "is_held_out",
+    "list_text_files",
     "random_windows",
+    "read_text_files",
     "sequential_windows",
     "token_stream",
     "train_sentencepiece",
