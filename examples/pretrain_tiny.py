@@ -138,7 +138,7 @@ def main(argv=None):
     started = time.time()
     import keras
 
-    from keras_gemma2 import data, models
+    from keras_gemma2 import data, models, training
     from keras_gemma2.checkpoints.atomic import atomic_write_json
 
     if keras.config.backend() != args.backend:
@@ -217,7 +217,7 @@ def main(argv=None):
     )
     count = min(VALIDATION_WINDOWS, len(held_out_windows))
     picks = np.linspace(0, len(held_out_windows) - 1, count).round().astype(int)
-    curve = data.fit_on_windows(
+    curve = training.fit_on_windows(
         causal_lm, windows, args.batch_size, args.log_every, held_out_windows[picks]
     )
     train_seconds = time.time() - train_started

@@ -1,4 +1,4 @@
-"""Training and evaluation data: corpora, tokenizers, windows, fitting, baselines.
+"""Training and evaluation data: corpora, tokenizers, windows, baselines.
 
 Builds on `keras_gemma2.models` and is never imported by it.
 """
@@ -15,7 +15,6 @@ from keras_gemma2.data.corpus_windows import (
     sequential_windows,
     window_inputs_and_labels,
 )
-from keras_gemma2.data.fit_on_windows import fit_on_windows
 from keras_gemma2.data.held_out_split import held_out_split, is_held_out
 from keras_gemma2.data.perplexity import held_out_perplexity
 from keras_gemma2.data.sentencepiece_trainer import (
@@ -34,7 +33,6 @@ __all__ = [
     "best_bigram_perplexity",
     "bigram_perplexity",
     "count_bigrams",
-    "fit_on_windows",
     "held_out_perplexity",
     "held_out_split",
     "is_held_out",

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_gemma2.data import fit_on_windows, window_inputs_and_labels
+from keras_gemma2.data import window_inputs_and_labels
+from keras_gemma2.training import fit_on_windows
 
 VOCABULARY_SIZE = 11
 

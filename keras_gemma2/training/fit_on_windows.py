@@ -48,7 +48,8 @@ def fit_on_windows(
 
     >>> import keras
     >>> import numpy as np
-    >>> from keras_gemma2.data import fit_on_windows, random_windows
+    >>> from keras_gemma2.data import random_windows
+    >>> from keras_gemma2.training import fit_on_windows
     >>> class Bigram(keras.Model):  # logits from the current token alone
     ...     def __init__(self):
     ...         super().__init__()
