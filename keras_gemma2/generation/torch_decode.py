@@ -126,7 +126,7 @@ def _weights(owner, weights, sizes, dtype):
     tensors = {}
     for weight in weights:
         tensor = _tensor(weight.variable(owner), dtype)
-        if weight.name.endswith("norm"):
+        if weight.is_norm_scale:
             layer = getattr(owner, weight.attribute[0])
             tensor = (1.0 + tensor.float(), layer.epsilon)
         else:

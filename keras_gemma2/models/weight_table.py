@@ -85,6 +85,11 @@ class Weight:
         """This weight's layout in `file_format` (`"hf"` or `"keras_hub"`)."""
         return getattr(self, f"{_check_format(file_format)}_axes")
 
+    @property
+    def is_norm_scale(self):
+        """Whether this is an RMS norm's `scale` (Gemma's gain is `1 + scale`)."""
+        return self.attribute[-1] == "scale"
+
     def variable(self, owner):
         """The variable (or LoRA-merged kernel) of this weight in `owner`."""
         value = owner
