@@ -11,8 +11,9 @@ from keras_gemma2.layers.attention_dispatch import (
 )
 from keras_gemma2.layers.attention_masks import attention_mask
 from keras_gemma2.layers.cached_attention import cached_attention
+from keras_gemma2.layers.gemma2_math import rope_rotate
 from keras_gemma2.layers.projection import project
-from keras_gemma2.layers.rotary_embedding import rotary_embedding
+from keras_gemma2.layers.rotary_embedding import rotary_rotation
 from keras_gemma2.layers.soft_capping import validate_soft_cap
 from keras_gemma2.layers.validation import positive_int, positive_number, unit_rate
 
@@ -195,8 +196,11 @@ class SlidingWindowAttention(keras.layers.Layer):
         query = project(self.query_dense, hidden_states)  # [B, T, N, H]
         key = project(self.key_dense, hidden_states)  # [B, T, K, H]
         value = project(self.value_dense, hidden_states)  # [B, T, K, H]
-        query = rotary_embedding(query, query_positions, self.rope_max_wavelength)
-        key = rotary_embedding(key, query_positions, self.rope_max_wavelength)
+        # One rotation for queries and keys: the angles are computed once.
+        rotation = rotary_rotation(
+            query_positions, self.head_dim, self.rope_max_wavelength, query.dtype
+        )
+        query, key = rope_rotate(query, rotation), rope_rotate(key, rotation)
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
 
         dropout = None
