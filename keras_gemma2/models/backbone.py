@@ -15,11 +15,12 @@ from keras_gemma2.layers.validation import (
     unit_rate,
 )
 from keras_gemma2.models.architecture import layer_is_local
+from keras_gemma2.models.backbone_lora import Gemma2LoraMethods
 from keras_gemma2.models.presets import bundled_presets, classproperty
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2Backbone(keras_hub.models.Backbone):
+class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
     """The Gemma 2 decoder network, without the language-model head.
 
     Embeds `token_ids`, multiplies by `sqrt(hidden_dim)` (cast to the compute
