@@ -1,0 +1,5 @@
+"""Training-time methods of `Gemma2CausalLM` (loss, memory), as a mixin."""
+
+
+class Gemma2TrainingMethods:
+    """Mixin holding `Gemma2CausalLM`'s training overrides (filled by the memory work)."""
