@@ -7,12 +7,13 @@ from keras import ops
 from keras_gemma2.layers.last_axis_product import last_axis_product
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
+from keras_gemma2.models.causal_lm_training import Gemma2TrainingMethods
 from keras_gemma2.models.preprocessor import Gemma2CausalLMPreprocessor
 from keras_gemma2.models.presets import bundled_presets, classproperty
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2CausalLM(keras_hub.models.CausalLM):
+class Gemma2CausalLM(Gemma2TrainingMethods, keras_hub.models.CausalLM):
     """Gemma 2 language model: next-token logits for every position.
 
     Logits are the final hidden states times the transposed token embedding,

@@ -2,4 +2,4 @@
 
 
 class Gemma2TrainingMethods:
-    """Mixin holding `Gemma2CausalLM`'s training overrides (filled by the memory work)."""
+    """Mixin holding `Gemma2CausalLM`'s training overrides (loss, remat)."""
