@@ -8,6 +8,8 @@ import keras_hub
 import numpy as np
 
 from keras_gemma2.models.backbone import Gemma2Backbone
+from keras_gemma2.models.sft_packing import ResponsePacker
+from keras_gemma2.models.sft_rows import is_sft_input, python_rows
 from keras_gemma2.models.tokenizer import Gemma2Tokenizer, read_compatible_config
 from keras_gemma2.models.truncating_packer import TruncatingStartEndPacker
 
@@ -165,10 +167,42 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
                 "expected `y=None` and `sample_weight=None`. Received: "
                 f"y={y!r}, sample_weight={sample_weight!r}"
             )
+        if is_sft_input(x):
+            return self._call_fine_tuning(x, sequence_length or self.sequence_length)
         # Training packs one position more than `sequence_length`: the last
         # token is a label only.
         with self._packing(label_positions=1):
             return super().call(x, sequence_length=sequence_length)
+
+    def _call_fine_tuning(self, x, sequence_length):
+        """`(x, y, sample_weight)` of fine-tuning rows, response-only weights."""
+        packer = ResponsePacker(
+            truncate=self.truncate,
+            start_id=self.tokenizer.start_token_id,
+            end_id=self.tokenizer.end_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            add_start_token=self.add_start_token,
+            add_end_token=self.add_end_token,
+            sequence_length=sequence_length,
+            packed_length=sequence_length + 1,
+        )
+        if _in_tensorflow_graph():
+            token_ids, padding_mask, weights = packer.pack_graph(x, self.tokenizer)
+        else:
+            rows, batched = python_rows(x)
+            arrays = packer.pack_python(rows, self.tokenizer)
+            if not batched:
+                arrays = [array[0] for array in arrays]
+            token_ids, padding_mask, weights = (
+                keras.ops.convert_to_tensor(array) for array in arrays
+            )
+        x = {
+            "token_ids": token_ids[..., :-1],
+            "padding_mask": padding_mask[..., :-1],
+        }
+        return keras.utils.pack_x_y_sample_weight(
+            x, token_ids[..., 1:], weights[..., 1:]
+        )
 
     def generate_preprocess(self, x, sequence_length=None):
         """Tokenize and pack prompts for generation.
@@ -233,3 +267,12 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         config.update(kwargs)
         config["tokenizer"] = tokenizer
         return cls.from_config(config)
+
+
+def _in_tensorflow_graph():
+    """Whether a TensorFlow graph is being traced (`tf.data`, `tf.function`)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return False
+    return not tf.executing_eagerly()
