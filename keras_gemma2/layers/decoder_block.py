@@ -31,6 +31,13 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         kernel_initializer: initializer of all projections.
         attention_implementation: string. How attention is computed; see
             `SlidingWindowAttention`. Defaults to `"auto"`.
+        remat: bool. Rematerialize the block in training: the backward pass
+            recomputes the block's activations from its input (`keras.remat`)
+            instead of keeping them, so a training step holds one
+            `[batch, T, hidden_dim]` tensor per block plus one block's
+            activations at a time. Same results, roughly one more forward
+            pass of compute. Cached calls (generation) never rematerialize.
+            Defaults to `False`.
 
     Call arguments:
         hidden_states: `[batch, T, hidden_dim]`.
@@ -62,9 +69,16 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         attention_implementation="auto",
+        remat=False,
         **kwargs,
     ):
+        if not isinstance(remat, bool):
+            raise TypeError(
+                "Received an invalid value for `remat`, expected a bool. "
+                f"Received: remat={remat!r}"
+            )
         super().__init__(**kwargs)
+        self.remat = remat
         self.intermediate_dim = intermediate_dim
         self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -119,6 +133,32 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         cache_update_index=0,
         training=None,
     ):
+        if self.remat and cache is None:
+            # Only the hidden states cross the `keras.remat` boundary: jax
+            # traces every argument (`training` must stay a Python bool) and
+            # tensorflow would watch the integer mask.
+            def forward(hidden_states):
+                return self._forward(
+                    hidden_states, padding_mask=padding_mask, training=training
+                )
+
+            return keras.remat(forward)(hidden_states)
+        return self._forward(
+            hidden_states,
+            padding_mask=padding_mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            training=training,
+        )
+
+    def _forward(
+        self,
+        hidden_states,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+    ):
         attended = self.attention(
             self.pre_attention_norm(hidden_states),
             padding_mask=padding_mask,
@@ -153,4 +193,5 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             "dropout": attention.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "attention_implementation": attention.attention_implementation,
+            "remat": self.remat,
         }
