@@ -36,10 +36,35 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     `sample_weight` is the padding mask of `y`, so padding adds no loss.
     Gemma scores far worse without `<bos>`; keep `add_start_token=True`.
 
-    `generate_preprocess` packs prompts for `Gemma2CausalLM.generate`
-    (`<bos>`, no `<eos>`, padded to `sequence_length`);
-    `generate_postprocess` drops padding and every special token (`<pad>`,
-    `<eos>`, `<bos>`, `<start_of_turn>`, `<end_of_turn>`) and detokenizes.
+    **Fine-tuning rows (SFT).** Besides plain text, `x` may be:
+
+    - `{"prompts": ..., "responses": ...}` (KerasHub's convention): two
+      strings (one row) or two equally long lists of strings / rank-1 string
+      tensors (a batch);
+    - a chat conversation (a list of `{"role", "content"}` dicts, as
+      `format_chat` takes) or a list of conversations, each ending with a
+      model turn; rendered with `format_chat(..., add_generation_prompt=
+      False)` and cut by `format_chat_segments`;
+    - `{"prompt_segments": ..., "response_segments": ...}`, what
+      `format_chat_segments` returns: per row, equally many prompt and
+      response segments, alternating, prompt first (a list of strings for
+      one row; a list of lists or a `tf.RaggedTensor` for a batch).
+
+    Each prompt and response is tokenized on its own and the ids are
+    concatenated, so the boundary is exact (SentencePiece may tokenize the
+    joined text differently at the seam; separate tokenization is the usual
+    SFT practice and KerasHub Gemma 3's). A row is packed as `<bos>`, its
+    segments in order, then `<eos>`. `sample_weight` is 1 only on labels
+    that are response tokens, and on the final `<eos>` (when
+    `add_end_token`) so the model learns to stop; prompt tokens, `<bos>` and
+    padding get 0. In a chat every model turn is a response: its content,
+    its `<end_of_turn>` and the `"\\n"` after it (the whole turn but its
+    opening `<start_of_turn>model\\n`; generation stops at `<end_of_turn>`,
+    so the newline changes no answer). User turns, system text and turn
+    openings get 0. All three forms work eagerly and inside `tf.data`
+    (`dataset.map(preprocessor)`) on every backend; conversations (dicts)
+    cannot be tensors, so pass `format_chat_segments(conversations)` to
+    `tf.data` (`tf.ragged.constant` on each value), which packs identically.
 
     A text longer than fits is handled by the `truncate` policy, never
     silently: `"error"` raises, `"left"` drops tokens from the start (keeps
@@ -47,10 +72,18 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     drops them from the end (KerasHub's behaviour). "Fits" means the text's
     tokens plus `<bos>` and, for training, `<eos>` fill at most
     `sequence_length` inputs plus the one extra label position; with both
-    special tokens that is `sequence_length - 1` text tokens. Inside a
-    `tf.data` pipeline the `"error"` check runs in the TensorFlow graph and
-    surfaces as `tf.errors.InvalidArgumentError` with the same facts (text
-    index and token count).
+    special tokens that is `sequence_length - 1` text tokens. For
+    fine-tuning rows the policy acts on everything after `<bos>` (`<eos>`
+    included): `"error"` raises naming the row, its prompt and response token
+    counts; `"left"` drops prompt tokens from the start first and keeps the
+    response (a response longer than the room keeps its end and `<eos>`);
+    `"right"` cuts from the end, so the response loses its end and `<eos>`
+    (a cut answer must not teach the model to stop there). A row that would
+    keep no response token (its prompt fills the room under `"right"`)
+    raises a `ValueError` naming the row rather than adding no loss. Inside a
+    `tf.data` pipeline these checks run in the TensorFlow graph and surface
+    as `tf.errors.InvalidArgumentError` with the same facts (row or text
+    index within the batch, token counts).
 
     Tokenization runs in Python when called eagerly and in the TensorFlow
     graph inside `tf.data` (`dataset.map(preprocessor)`), on every Keras
@@ -62,18 +95,29 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         add_start_token: bool. Prepend `<bos>`. Defaults to `True`.
         add_end_token: bool. Append `<eos>` when called for training
             (never in `generate_preprocess`). Defaults to `True`.
-        truncate: string. What to do with a text that does not fit:
+        truncate: string. What to do with a text or row that does not fit:
             `"error"` (raise a `ValueError` naming `sequence_length`, the text
-            index and its token count), `"left"` or `"right"` (drop tokens
-            from that side of the text; `<bos>`/`<eos>` are always kept).
-            Defaults to `"error"`.
+            or row index and its token counts), `"left"` or `"right"` (drop
+            tokens from that side; see above for fine-tuning rows). Plain
+            texts always keep `<bos>`/`<eos>`. Defaults to `"error"`.
         **kwargs: passed to `keras_hub.models.CausalLMPreprocessor`.
 
     Call arguments:
-        x: string, list of strings, or string tensor.
+        x: string, list of strings or string tensor; or a fine-tuning row
+            form (see above).
         y: must be `None`; labels are made from `x`.
         sample_weight: must be `None`; weights are made from `x`.
         sequence_length: int. Overrides `sequence_length` for this call.
+
+    Raises:
+        ValueError: a row without a response (missing `"responses"`,
+            `None` or `""`), `prompts` and `responses` of different lengths,
+            unequal segment counts, a chat whose last turn is not the
+            model's, an empty model turn, a text or row that does not fit
+            under `truncate="error"`, or a row left without response tokens.
+            The message names the row (or conversation) index.
+        TypeError: a non-string prompt or response, or a conversation that
+            is not a list of dicts.
 
     Example:
 
@@ -99,6 +143,36 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     >>> prompts = preprocessor.generate_preprocess(["the fox"])
     >>> preprocessor.generate_postprocess(prompts)
     ['the fox']
+
+    Prompt/response rows: only the response's tokens and `<eos>` weigh.
+
+    >>> x, y, sample_weight = preprocessor(
+    ...     {"prompts": ["the fox"], "responses": ["jumps"]}
+    ... )
+    >>> labels = keras.ops.convert_to_numpy(y)[0].tolist()
+    >>> weights = keras.ops.convert_to_numpy(sample_weight)[0].tolist()
+    >>> [tokenizer.id_to_token(t) for t, w in zip(labels, weights) if w]
+    ['j', 'u', 'm', 'p', 's', '<eos>']
+    >>> [int(w) for w in weights]
+    [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0]
+
+    Chats: pass conversations eagerly, or `format_chat_segments(...)` in
+    `tf.data`:
+
+    ```python
+    import tensorflow as tf
+    from keras_gemma2.models.sft_rows import format_chat_segments
+
+    chats = [[
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "model", "content": "4"},
+    ]]
+    x, y, sample_weight = preprocessor(chats)
+    segments = format_chat_segments(chats)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {key: tf.ragged.constant(value) for key, value in segments.items()}
+    ).map(preprocessor).batch(8)
+    ```
     """
 
     backbone_cls = Gemma2Backbone

@@ -166,34 +166,50 @@ class ResponsePacker:
         with tf.control_dependencies(checks):
             prompt_ids = tokenize(tf.identity(prompts.flat_values))  # [n, None]
             response_ids = tokenize(tf.identity(responses.flat_values))
-        splits = prompts.row_splits
-        pair_ids = tf.concat([prompt_ids, response_ids], axis=1)  # [n, None]
-        pair_flags = tf.concat(
-            [tf.zeros_like(prompt_ids), tf.ones_like(response_ids)], axis=1
-        )
-        ids = tf.RaggedTensor.from_row_splits(pair_ids, splits).merge_dims(1, 2)
-        flags = tf.RaggedTensor.from_row_splits(pair_flags, splits).merge_dims(1, 2)
-        batch_size = ids.nrows()
+        segment_rows = prompts.value_rowids()  # [n]
+        batch_size = prompts.nrows()
+        prompt_counts, response_counts = (
+            tf.math.unsorted_segment_sum(ids.row_lengths(), segment_rows, batch_size)
+            for ids in (prompt_ids, response_ids)
+        )  # [batch] each
+        ids, flags = _interleave(tf, prompt_ids, response_ids)  # [tokens]
+        lengths = prompt_counts + response_counts  # [batch]
+        ids = tf.RaggedTensor.from_row_lengths(ids, lengths, validate=False)
+        flags = tf.RaggedTensor.from_row_lengths(flags, lengths, validate=False)
+        # One spare column: room for <eos>, and a valid column to gather
+        # from when every row is empty.
+        ids = ids.to_tensor(default_value=self.pad_id)  # [batch, width]
+        ids = tf.pad(ids, [[0, 0], [0, 1]], constant_values=self.pad_id)
+        flags = tf.pad(flags.to_tensor(default_value=0), [[0, 0], [0, 1]])
         if self.suffix:
-            ids = _append(tf, ids, self.end_id, batch_size)
-            flags = _append(tf, flags, 1, batch_size)
-        prompt_counts = _row_sums(tf, prompt_ids.row_lengths(), splits)
-        response_counts = _row_sums(tf, response_ids.row_lengths(), splits)
-        ids, flags = self._cut_graph(tf, ids, flags, prompt_counts, response_counts)
+            at_end = (
+                tf.range(tf.shape(ids)[1])[tf.newaxis]
+                == tf.cast(lengths, "int32")[:, tf.newaxis]
+            )  # [batch, width]
+            ids = tf.where(at_end, tf.cast(self.end_id, ids.dtype), ids)
+            flags = tf.where(at_end, tf.ones_like(flags), flags)
+            lengths += 1
+        ids, flags, lengths = self._cut_graph(
+            tf, ids, flags, lengths, prompt_counts, response_counts
+        )  # [batch, room] each, lengths [batch]
         if self.prefix:
-            ids = _prepend(tf, ids, self.start_id, batch_size)
-            flags = _prepend(tf, flags, 0, batch_size)
-        shape = [None, self.packed_length]
-        token_ids = ids.to_tensor(default_value=self.pad_id, shape=shape)
-        padding_mask = tf.ones_like(ids, dtype="bool").to_tensor(shape=shape)
-        weights = tf.cast(flags, "bool").to_tensor(shape=shape)
+            column = tf.fill([batch_size, 1], tf.cast(self.start_id, ids.dtype))
+            ids = tf.concat([column, ids], axis=1)
+            flags = tf.concat([tf.zeros_like(column, flags.dtype), flags], axis=1)
+            lengths += 1
+        positions = tf.range(self.packed_length, dtype=lengths.dtype)
+        padding_mask = positions[tf.newaxis] < lengths[:, tf.newaxis]
+        token_ids = tf.cast(ids, "int32")
+        weights = tf.cast(flags, "bool")
         if unbatched:
             return token_ids[0], padding_mask[0], weights[0]
         return token_ids, padding_mask, weights
 
-    def _cut_graph(self, tf, ids, flags, prompt_counts, response_counts):
-        """`_cut` on ragged rows `[batch, None]`."""
-        lengths = ids.row_lengths()  # [batch]
+    def _cut_graph(self, tf, ids, flags, lengths, prompt_counts, response_counts):
+        """`_cut` on dense rows `[batch, width]` of `lengths` tokens.
+
+        Returns `(ids, flags, lengths)`: rows `[batch, room]`, padded.
+        """
         checks = []
         if self.truncate == "error":
             index, count = _first(tf, lengths > self.room, lengths)
@@ -213,13 +229,16 @@ class ResponsePacker:
                     ],
                 )
             )
-        elif self.truncate == "right":
-            ids, flags = ids[:, : self.room], flags[:, : self.room]
-        else:
-            limits = ids.row_limits()
-            kept = tf.ragged.range(limits - tf.minimum(lengths, self.room), limits)
-            ids = tf.gather(ids.values, kept)
-            flags = tf.gather(flags.values, kept)
+        kept = tf.minimum(lengths, self.room)  # [batch]
+        starts = lengths - kept if self.truncate == "left" else tf.zeros_like(kept)
+        columns = tf.range(self.room, dtype=lengths.dtype)[tf.newaxis]  # [1, room]
+        valid = columns < kept[:, tf.newaxis]  # [batch, room]
+        last_column = tf.cast(tf.shape(ids)[1] - 1, lengths.dtype)
+        gathered = tf.minimum(starts[:, tf.newaxis] + columns, last_column)
+        ids = tf.gather(ids, gathered, batch_dims=1)  # [batch, room]
+        flags = tf.gather(flags, gathered, batch_dims=1)
+        ids = tf.where(valid, ids, tf.cast(self.pad_id, ids.dtype))
+        flags = tf.where(valid, flags, tf.zeros_like(flags))
         empty = tf.reduce_sum(tf.cast(flags, "int32"), axis=1) == 0  # [batch]
         index, count = _first(tf, empty, prompt_counts)
         checks.append(
@@ -238,7 +257,7 @@ class ResponsePacker:
             )
         )
         with tf.control_dependencies(checks):
-            return ids.with_values(tf.identity(ids.values)), flags
+            return tf.identity(ids), flags, kept
 
 
 def _as_lists(token_ids):
@@ -347,18 +366,21 @@ def _first(tf, flags, values):
     return index, tf.gather(padded, index)
 
 
-def _row_sums(tf, segment_values, splits):
-    """Per-row sums `[batch]` of per-segment values `[segments]`."""
-    return tf.reduce_sum(tf.RaggedTensor.from_row_splits(segment_values, splits), 1)
+def _interleave(tf, prompt_ids, response_ids):
+    """Segment tokens in row order: `(ids, flags)`, both `[tokens]`.
 
-
-def _append(tf, rows, value, batch_size):
-    """`rows` `[batch, None]` with `value` appended to each row."""
-    column = tf.fill([batch_size, 1], tf.cast(value, rows.dtype))
-    return tf.concat([rows, tf.RaggedTensor.from_tensor(column)], axis=1)
-
-
-def _prepend(tf, rows, value, batch_size):
-    """`rows` `[batch, None]` with `value` put before each row."""
-    column = tf.fill([batch_size, 1], tf.cast(value, rows.dtype))
-    return tf.concat([tf.RaggedTensor.from_tensor(column), rows], axis=1)
+    Segment i contributes its prompt tokens, then its response tokens
+    (flag 1); segments follow each other in order, so the rows' tokens
+    come out one row after another.
+    """
+    prompt_values = prompt_ids.flat_values
+    values = tf.concat([prompt_values, response_ids.flat_values], axis=0)
+    prompt_size = tf.shape(prompt_values, out_type="int64")[0]
+    starts = tf.stack(
+        [prompt_ids.row_starts(), response_ids.row_starts() + prompt_size], axis=1
+    )  # [n, 2]
+    sizes = tf.stack([prompt_ids.row_lengths(), response_ids.row_lengths()], axis=1)
+    starts, sizes = tf.reshape(starts, [-1]), tf.reshape(sizes, [-1])  # [2n]
+    index = tf.ragged.range(starts, starts + sizes).flat_values  # [tokens]
+    flags = tf.cast(index >= prompt_size, "int32")
+    return tf.gather(values, index), flags
