@@ -1,4 +1,4 @@
-"""`keras-gemma2` command line: run, chat, convert."""
+"""`keras-gemma2` command line: run, chat, convert, finetune."""
 
 import argparse
 import os
@@ -11,6 +11,22 @@ EXAMPLES = """examples:
   keras-gemma2 convert ./gemma-2-2b ./gemma2_2b_keras --to keras --dtype bfloat16
   keras-gemma2 convert ./gemma2_2b_keras ./gemma-2-2b-hf --to transformers
   keras-gemma2 convert kaggle://keras/gemma2/keras/gemma2_2b_en/1 ./hf --to transformers
+  keras-gemma2 finetune gemma2_tiny_python data.jsonl --out ./tuned --epochs 3
+  keras-gemma2 finetune ./gemma-2-2b chats.jsonl --out ./tuned --quantize int8
+"""
+FINETUNE_DATA = """DATA is a JSONL file, one row a line, all rows of one kind:
+  {"prompt": "...", "response": "..."}                 loss on the response only
+  {"messages": [{"role": "user", "content": "..."},
+                {"role": "model", "content": "..."}]}  loss on every model turn
+A chat ends with the model's turn ("assistant" is accepted for "model").
+
+OUT is a preset for `keras-gemma2 run OUT` and `Gemma2CausalLM.from_preset(OUT)`:
+the base weights with the LoRA adapter merged in, in the base's float dtype (after
+--quantize the float base is reloaded and the adapter merged into it). With
+--keep-adapters it holds the unmerged base plus adapter.lora.h5, which
+`keras-gemma2 run OUT` applies and `causal_lm.backbone.load_lora_weights(...)`
+loads. OUT/finetune.json records the settings and the response loss before and
+after training (on --eval rows, else on the training rows).
 """
 
 
@@ -79,7 +95,91 @@ def build_parser():
         default=5.0,
         help="split weight files past this size in GB (default: 5)",
     )
+    finetune = commands.add_parser(
+        "finetune",
+        help="LoRA fine-tune a preset on JSONL prompt/response or chat rows",
+        description=FINETUNE_DATA,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("preset", help="preset name, preset/checkpoint dir or handle")
+    finetune.add_argument("data", help="JSONL file of training rows")
+    finetune.add_argument("--out", required=True, help="preset directory to write")
+    finetune.add_argument(
+        "--eval", default=None, help="JSONL of held-out rows for the loss report"
+    )
+    finetune.add_argument("--lora-rank", type=int, default=4)
+    finetune.add_argument(
+        "--lora-targets",
+        default=None,
+        help='"all" or comma-separated layer names (default: query and value)',
+    )
+    finetune.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="quantize the base for training (QLoRA)",
+    )
+    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--batch-size", type=int, default=4)
+    finetune.add_argument("--learning-rate", type=float, default=1e-4)
+    finetune.add_argument(
+        "--sequence-length",
+        type=int,
+        default=None,
+        help="packed length (default: the preset preprocessor's)",
+    )
+    finetune.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="save the adapter beside the unmerged base instead of merging",
+    )
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out"
+    )
+    finetune.add_argument(
+        "--backend", choices=("jax", "tensorflow", "torch"), default=None
+    )
     return parser
+
+
+def finetune(args, out=None):
+    """Fine-tune `args.preset` on `args.data`; write the preset `args.out`."""
+    from keras_gemma2.training.finetune import finetune as run_finetune
+    from keras_gemma2.training.sft_jsonl import read_sft_jsonl
+
+    out = out or sys.stdout
+    rows = read_sft_jsonl(args.data)
+    eval_rows = None if args.eval is None else read_sft_jsonl(args.eval)
+    targets = args.lora_targets
+    if targets is not None and targets != "all":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    out.write(f"Fine-tuning {args.preset} on {len(rows)} rows of {args.data}\n")
+    report = run_finetune(
+        args.preset,
+        rows,
+        args.out,
+        eval_rows=eval_rows,
+        lora_rank=args.lora_rank,
+        lora_targets=targets,
+        quantize=args.quantize,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        sequence_length=args.sequence_length,
+        keep_adapters=args.keep_adapters,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    where = "held-out" if args.eval else "training"
+    out.write(
+        f"Response loss on the {where} rows: {report['loss_before']:.4f} -> "
+        f"{report['loss_after']:.4f}\n"
+    )
+    kept = " (adapter kept: adapter.lora.h5)" if args.keep_adapters else ""
+    out.write(f"Done: {report['output']}{kept}\n")
+    return report
 
 
 def convert(args):
@@ -139,13 +239,14 @@ def make_sampler(args):
 
 
 def load_for_generation(args):
-    from keras_gemma2.models.causal_lm import Gemma2CausalLM
-
     if args.max_new_tokens < 1:
         raise ValueError(
             f"--max-new-tokens must be >= 1. Received: {args.max_new_tokens}"
         )
-    causal_lm = Gemma2CausalLM.from_preset(args.preset)
+    from keras_gemma2.training.finetune import load_finetuned
+
+    # A `finetune --keep-adapters` preset gets its adapter; others load as is.
+    causal_lm = load_finetuned(args.preset)
     if causal_lm.preprocessor is None:
         raise ValueError(f"{args.preset} has no tokenizer, so it cannot take text.")
     causal_lm.compile(sampler=make_sampler(args))
@@ -228,6 +329,8 @@ def main(argv=None):
             run(args)
         elif args.command == "chat":
             chat(args)
+        elif args.command == "finetune":
+            finetune(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         # User errors: one clear line, no traceback.
         print(f"keras-gemma2: error: {error}", file=sys.stderr)
