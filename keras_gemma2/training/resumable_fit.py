@@ -17,7 +17,7 @@ from keras_gemma2.layers.validation import positive_int
 
 CHECKPOINT_FORMAT = "keras_gemma2.resumable_fit/1"
 _STATE_FILE = "state.json"
-_WEIGHTS_FILE = "model.weights.h5"
+_VARIABLES_FILE = "variables.npz"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 # Staging and retired directories of `atomic_directory` and of our own
 # deletions: whatever a killed process leaves of a checkpoint write.
@@ -48,9 +48,10 @@ def fit_resumable(
     smaller. Every `every_n_steps` optimizer steps, and after the last one, a
     checkpoint `directory/step-NNNNNNNN/` is written atomically (built in a
     hidden sibling, then renamed): the model's weights with the optimizer
-    state (`save_weights`: moments, iteration counter), the states of the
-    model's random seed generators (dropout), the position (epoch, batch) and
-    the SHA-256 of each file. The newest `keep` checkpoints are kept.
+    state (moments, iteration counter), the states of the model's random
+    seed generators (dropout) and, on torch, of its global generator, the
+    position (epoch, batch) and the SHA-256 of each file. The newest `keep`
+    checkpoints are kept.
 
     A call whose `directory` holds checkpoints loads the newest valid one and
     trains from the next batch: the rows of the current epoch before it are
@@ -274,7 +275,8 @@ class _CheckpointEverySteps(keras.callbacks.Callback):
         epoch, batch = divmod(self.step, self.steps_per_epoch)
         path = os.path.join(self.directory, f"step-{self.step:08d}")
         with atomic_directory(path, overwrite=True) as staging:
-            model.save_weights(os.path.join(staging, _WEIGHTS_FILE))
+            variables = _training_variables(model)
+            _save_variables(os.path.join(staging, _VARIABLES_FILE), variables)
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "step": self.step,
@@ -283,9 +285,12 @@ class _CheckpointEverySteps(keras.callbacks.Callback):
                 "complete": complete,
                 "backend": keras.backend.backend(),
                 **self.run,
-                "random_states": _seed_states(model),
+                "variables": [
+                    {"path": v.path, "shape": list(v.shape), "dtype": v.dtype}
+                    for v in variables
+                ],
                 "torch_random_states": _torch_random_states(),
-                "files": {_WEIGHTS_FILE: _file_digest(staging, _WEIGHTS_FILE)},
+                "files": {_VARIABLES_FILE: _file_digest(staging, _VARIABLES_FILE)},
             }
             atomic_write_json(os.path.join(staging, _STATE_FILE), state)
         self.saved_step = self.step
@@ -317,39 +322,60 @@ def _restore_newest(model, directory, run):
     if not model.optimizer.built:
         # The optimizer's moments and counter must exist to be loaded.
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(os.path.join(path, _WEIGHTS_FILE))
-    _restore_seed_states(model, state["random_states"], path)
+    _load_variables(
+        os.path.join(path, _VARIABLES_FILE), _training_variables(model), state, path
+    )
     _restore_torch_random_states(state["torch_random_states"], path, state["backend"])
     return state, path
 
 
-def _seed_variables(model):
-    """The state variables of the model's seed generators (not in its weights)."""
-    weights = {id(variable) for variable in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
+def _training_variables(model):
+    """Every variable a step changes or reads: model (seed states included), optimizer.
+
+    Not `save_weights`: it stores a LoRA layer's adapters merged into its
+    kernel and loads them back as zeros, which restarts LoRA from scratch.
+    """
+    return list(model.variables) + list(model.optimizer.variables)
 
 
-def _seed_states(model):
-    """`[{"path", "value"}]` for each seed generator, e.g. dropout's."""
-    return [
-        {"path": v.path, "value": keras.ops.convert_to_numpy(v.value).tolist()}
-        for v in _seed_variables(model)
-    ]
+def _save_variables(path, variables):
+    """Write each variable's bytes, as they are (bfloat16 and int4 included)."""
+    arrays = {}
+    for index, variable in enumerate(variables):
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value))
+        arrays[str(index)] = value.reshape(-1).view(np.uint8)
+    np.savez(path, **arrays)
 
 
-def _restore_seed_states(model, saved, path):
-    # By order: auto-generated paths differ between models built in one process.
-    variables = _seed_variables(model)
-    shapes = [list(np.shape(entry["value"])) for entry in saved]
-    if [list(v.shape) for v in variables] != shapes:
+def _load_variables(path, variables, state, checkpoint):
+    """Assign the saved bytes to `variables`, after checking shapes and dtypes."""
+    saved = [(entry["shape"], entry["dtype"]) for entry in state["variables"]]
+    present = [(list(v.shape), v.dtype) for v in variables]
+    if saved != present:
+        differences = [
+            f"#{index} {state['variables'][index]['path']}: saved {was}, model {now}"
+            for index, (was, now) in enumerate(zip(saved, present, strict=False))
+            if was != now
+        ]
         raise ValueError(
-            f"The checkpoint {path} holds {len(saved)} random states of shapes "
-            f"{shapes}, but the model has {len(variables)} of shapes "
-            f"{[list(v.shape) for v in variables]}. Build the model as the run "
-            "that wrote it did."
+            f"The checkpoint {checkpoint} holds {len(saved)} variables, the "
+            f"model and its optimizer {len(present)}; they differ at "
+            f"{differences[:3] or 'the end'}. Build and compile the model as "
+            "the run that wrote it did (same LoRA rank and targets)."
         )
-    for variable, entry in zip(variables, saved, strict=True):
-        variable.assign(np.asarray(entry["value"], dtype=variable.dtype))
+    with np.load(path) as arrays:
+        for index, variable in enumerate(variables):
+            value = arrays[str(index)].view(_numpy_dtype(variable.dtype))
+            variable.assign(value.reshape(variable.shape))
+
+
+def _numpy_dtype(name):
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16, int4, float8: numpy knows them via ml_dtypes
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
 
 
 def _torch_random_states():
@@ -419,8 +445,8 @@ def _read_state(path, step):
             return None, f"{name} is missing"
         if _file_digest(path, name) != expected:
             return None, f"{name} does not match its recorded size and SHA-256"
-    if _WEIGHTS_FILE not in state.get("files", {}):
-        return None, f"{_STATE_FILE} lists no {_WEIGHTS_FILE}"
+    if _VARIABLES_FILE not in state.get("files", {}):
+        return None, f"{_STATE_FILE} lists no {_VARIABLES_FILE}"
     return state, None
 
 
