@@ -11,8 +11,11 @@ import pytest
 from keras_gemma2.models.chat_template import format_chat
 from keras_gemma2.models.preprocessor import Gemma2CausalLMPreprocessor
 from keras_gemma2.models.sft_rows import format_chat_segments
-from keras_gemma2.models.tokenizer import Gemma2Tokenizer
+from tests.models import test_preprocessor as plain_tests
 from tests.text_fixtures import make_text_causal_lm
+
+# The plain-text tests' fixtures: the tokenizer, SentencePiece's own ids.
+tokenizer, encode, numpy = plain_tests.tokenizer, plain_tests.encode, plain_tests.numpy
 
 BOS, EOS, PAD, START_OF_TURN, END_OF_TURN = 2, 1, 0, 106, 107
 PROMPTS = ["def f(x):\n    re", "Grüße 🙂", "Name a color."]
@@ -44,24 +47,6 @@ CHAT_PIECES = [
         ("4<end_of_turn>\n", True),
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(gemma_vocabulary):
-    return Gemma2Tokenizer(proto=gemma_vocabulary)
-
-
-@pytest.fixture(scope="module")
-def encode(gemma_vocabulary):
-    """Reference ids straight from SentencePiece."""
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=gemma_vocabulary)
-    return processor.EncodeAsIds
-
-
-def numpy(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def expected_arrays(pieces, length, start=True, end=True):
@@ -376,6 +361,15 @@ def test_tf_data_errors_name_the_row(tokenizer, encode):
     empty = {"prompts": ["a", "b"], "responses": ["c", ""]}
     dataset = tf.data.Dataset.from_tensor_slices(empty).batch(2)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[Row\] \[1\]"):
+        next(iter(dataset.map(preprocessor)))
+    uneven = {
+        "prompt_segments": tf.ragged.constant([["a"], ["b", "c"]]),
+        "response_segments": tf.ragged.constant([["d"], ["e"]]),
+    }
+    dataset = tf.data.Dataset.from_tensor_slices(uneven).ragged_batch(2)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"\[Row\] \[1\] \[has\] \[2\]"
+    ):
         next(iter(dataset.map(preprocessor)))
     right = Gemma2CausalLMPreprocessor(tokenizer, sequence_length=3, truncate="right")
     dataset = tf.data.Dataset.from_tensor_slices(data).batch(2)
