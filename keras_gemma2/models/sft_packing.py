@@ -212,7 +212,9 @@ class ResponsePacker:
         """
         checks = []
         if self.truncate == "error":
-            index, count = _first(tf, lengths > self.room, lengths)
+            index, count, prompt_count, response_count = _first(
+                tf, lengths > self.room, lengths, prompt_counts, response_counts
+            )
             checks.append(
                 tf.debugging.Assert(
                     tf.reduce_all(lengths <= self.room),
@@ -222,9 +224,9 @@ class ResponsePacker:
                         "has",
                         count,
                         "tokens after <bos> (",
-                        tf.gather(prompt_counts, index),
+                        prompt_count,
                         "prompt and",
-                        tf.gather(response_counts, index),
+                        response_count,
                         self.too_long_tail(),
                     ],
                 )
@@ -240,7 +242,9 @@ class ResponsePacker:
         ids = tf.where(valid, ids, tf.cast(self.pad_id, ids.dtype))
         flags = tf.where(valid, flags, tf.zeros_like(flags))
         empty = tf.reduce_sum(tf.cast(flags, "int32"), axis=1) == 0  # [batch]
-        index, count = _first(tf, empty, prompt_counts)
+        index, prompt_count, response_count = _first(
+            tf, empty, prompt_counts, response_counts
+        )
         checks.append(
             tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(empty)),
@@ -248,9 +252,9 @@ class ResponsePacker:
                     _NO_RESPONSE,
                     index,
                     "has",
-                    count,
+                    prompt_count,
                     "prompt tokens; they (with",
-                    tf.gather(response_counts, index),
+                    response_count,
                     "response tokens after them)",
                     self.no_response_tail(),
                 ],
@@ -323,7 +327,9 @@ def _graph_row_checks(tf, prompts, responses):
         lambda: prompt_lengths,
     )
     bad = (prompt_lengths != response_lengths) | (response_lengths == 0)
-    index, count = _first(tf, bad, prompt_lengths)
+    index, prompt_count, response_count = _first(
+        tf, bad, prompt_lengths, response_lengths
+    )
     checks.append(
         tf.debugging.Assert(
             tf.logical_not(tf.reduce_any(bad)),
@@ -331,22 +337,21 @@ def _graph_row_checks(tf, prompts, responses):
                 "Row",
                 index,
                 "has",
-                count,
+                prompt_count,
                 "prompt segments and",
-                tf.gather(tf.concat([response_lengths, [0]], 0), index),
+                response_count,
                 "response segments, expected the same number, at least one.",
             ],
         )
     )
     empty = tf.equal(responses.flat_values, "")  # [segments]
-    row_ids = responses.value_rowids()
-    index, _ = _first(tf, empty, tf.zeros_like(row_ids))
+    _, row = _first(tf, empty, responses.value_rowids())
     checks.append(
         tf.debugging.Assert(
             tf.logical_not(tf.reduce_any(empty)),
             [
                 "Row",
-                tf.gather(tf.concat([row_ids, [0]], 0), index),
+                row,
                 f"has no response: an empty string in `responses`/"
                 f"`{RESPONSE_SEGMENTS}`, expected a non-empty string (the text "
                 "the model learns).",
@@ -356,14 +361,18 @@ def _graph_row_checks(tf, prompts, responses):
     return checks
 
 
-def _first(tf, flags, values):
-    """`(index, value)`: the first `True` in `flags` and `values` there.
+def _first(tf, flags, *values):
+    """`(index, *value)`: the first `True` in `flags` and each of `values` there.
 
-    A sentinel keeps it defined when no flag is set (or the batch is empty).
+    A sentinel keeps it defined when no flag is set (or the batch is empty):
+    the index is then `len(flags)` and the values 0.
     """
     index = tf.argmax(tf.concat([tf.cast(flags, "int32"), [1]], axis=0))
-    padded = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
-    return index, tf.gather(padded, index)
+    picked = (
+        tf.gather(tf.concat([value, tf.zeros([1], value.dtype)], axis=0), index)
+        for value in values
+    )
+    return (index, *picked)
 
 
 def _interleave(tf, prompt_ids, response_ids):
