@@ -49,14 +49,16 @@ class Gemma2LoraMethods:
 
         Example:
 
+        >>> import numpy as np
+        >>> from keras_gemma2 import Gemma2Backbone
         >>> backbone = Gemma2Backbone(
         ...     vocabulary_size=64, num_layers=2, num_query_heads=4,
         ...     num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
         ...     head_dim=8, sliding_window_size=4)
         >>> backbone.enable_lora(2, ["q_proj", "ffw_gating"])
-        >>> # per block: query 2 * (16 + 4 * 8), gate 2 * (16 + 32)
-        >>> sum(int(v.numpy().size) for v in backbone.trainable_weights)
-        288
+        >>> # 2 blocks * (query 2 * (16 + 4 * 8) + gate 2 * (16 + 32))
+        >>> sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+        384
         """
         from keras_gemma2.training import lora
 
@@ -92,13 +94,14 @@ class Gemma2LoraMethods:
         Example:
 
         >>> import numpy as np
+        >>> from keras_gemma2 import Gemma2Backbone
         >>> backbone = Gemma2Backbone(
         ...     vocabulary_size=64, num_layers=2, num_query_heads=4,
         ...     num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
         ...     head_dim=8, sliding_window_size=4)
         >>> backbone.enable_lora(2)
         >>> layer = backbone.transformer_layers[0].attention.query_dense
-        >>> layer.lora_kernel_b.assign(np.ones((2, 32), "float32"))
+        >>> _ = layer.lora_kernel_b.assign(np.ones((2, 32), "float32"))
         >>> inputs = {"token_ids": np.ones((1, 5), "int32"),
         ...           "padding_mask": np.ones((1, 5), "int32")}
         >>> before = backbone.predict(inputs, verbose=0)
