@@ -297,3 +297,26 @@ def test_int8_projection_adds_the_adapter_and_refuses_to_merge(backbone_factory)
         backbone.merge_lora()
     assert lora.lora_state(backbone).rank == 2  # nothing changed
     assert type(layer).__name__ == "LoraEinsumDense"
+
+
+def test_fit_trains_only_the_adapters():
+    causal_lm = make_causal_lm()
+    backbone = causal_lm.backbone
+    backbone.enable_lora(2, ["query", "down"])
+    frozen = [
+        (v, keras.ops.convert_to_numpy(v).copy())
+        for v in causal_lm.weights
+        if "lora" not in v.path
+    ]
+    causal_lm.compile(optimizer=keras.optimizers.Adam(0.02), sampler="greedy")
+    token_ids = random_token_ids(4, 10, TINY_BACKBONE_CONFIG["vocabulary_size"])
+    x = {"token_ids": token_ids[:, :-1], "padding_mask": np.ones_like(token_ids[:, 1:])}
+    losses = [float(causal_lm.train_on_batch(x, token_ids[:, 1:])[0]) for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    for variable, value in frozen:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+    b_norms = [
+        float(np.abs(keras.ops.convert_to_numpy(layer.lora_kernel_b)).max())
+        for _, _, layer in lora.adapted_layers(backbone)
+    ]
+    assert min(b_norms) > 0  # every adapter moved off its zero start
