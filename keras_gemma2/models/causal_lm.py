@@ -1,5 +1,7 @@
 """Gemma2CausalLM: the backbone plus the tied, soft-capped output projection."""
 
+import functools
+
 import keras
 import keras_hub
 from keras import ops
@@ -44,6 +46,8 @@ class Gemma2CausalLM(Gemma2TrainingMethods, keras_hub.models.CausalLM):
     preprocessor_cls = Gemma2CausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
+        # Written by `get_config` after `quantize`; read back by `load_model`.
+        quantization = kwargs.pop("quantization", None)
         if not isinstance(backbone, Gemma2Backbone):
             raise TypeError(
                 "Received an invalid value for `backbone`, expected a "
@@ -74,11 +78,112 @@ class Gemma2CausalLM(Gemma2TrainingMethods, keras_hub.models.CausalLM):
         logits = backbone.token_embedding(hidden_states, reverse=True)
         outputs = self.logit_soft_cap(logits)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self._quantization = None
+        if quantization is not None:
+            self._restore_quantization(quantization)
+        self._check_modes_before_keras()
+
+    def _check_modes_before_keras(self):
+        """Put the supported-mode check in front of Keras' own.
+
+        Keras wraps `quantize` per instance (in `Layer.__new__`) with a check
+        that accepts every Keras mode, `"float8"`, `"gptq"` and `"awq"`
+        included, and words its errors for those; refuse them first.
+        """
+        from keras_gemma2.models.quantization import resolve_mode
+
+        keras_quantize = self.quantize
+
+        @functools.wraps(keras_quantize)
+        def quantize(mode=None, config=None, **kwargs):
+            resolve_mode(mode, config)
+            return keras_quantize(mode=mode, config=config, **kwargs)
+
+        self.quantize = quantize
 
     @classproperty
     def presets(cls):
         """Presets shipped with keras_gemma2: `{name: {"path", "metadata"}}`."""
         return bundled_presets()
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantize the backbone's weights in place: `"int8"` or `"int4"`.
+
+        Keras' `Model.quantize`, restricted to the backbone (the token
+        embedding, which is also the tied output head, and every attention
+        and feed-forward projection); the preprocessor is left alone. Norm
+        scales stay float.
+
+        - `"int8"`: int8 weights with one scale per output channel, and
+          activations quantized to int8 per token (Keras' default).
+        - `"int4"`: projections hold int4 weights with a scale and zero point
+          per block of 128 input rows (`keras.quantizers.
+          Int4QuantizationConfig(block_size=128)`, weight-only); the
+          embedding and head stay int8, because int4 there costs the most
+          accuracy (measured table in `keras_gemma2.models.quantization`).
+
+        Quantize first, then `backbone.enable_lora(rank)` to fine-tune
+        adapters over the frozen quantized base (QLoRA). Everything is
+        checked before any layer changes, so a refused call leaves the model
+        as it was.
+
+        Args:
+            mode: `"int8"` or `"int4"`. Optional when `config` is given.
+            config: optional `keras.quantizers.Int8QuantizationConfig` or
+                `Int4QuantizationConfig` for the projections (with
+                `"int4"`, the embedding stays default int8).
+            filters: optional regex string, list of regex strings, or
+                callable on a layer, selecting the backbone layers to
+                quantize (Keras' `filters`). Defaults to all of them.
+            **kwargs: `type_check` (bool, default `True`), as in Keras.
+
+        Example:
+
+        >>> import numpy as np
+        >>> backbone = Gemma2Backbone(
+        ...     vocabulary_size=64, num_layers=2, num_query_heads=4,
+        ...     num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+        ...     head_dim=8, sliding_window_size=4)
+        >>> causal_lm = Gemma2CausalLM(backbone)
+        >>> causal_lm.quantize("int4")
+        >>> backbone.transformer_layers[0].ffw.down_dense.quantization_mode
+        'int4'
+        >>> backbone.token_embedding.quantization_mode
+        'int8'
+        """
+        from keras_gemma2.models.quantization import quantize_backbone_layers
+
+        type_check = kwargs.pop("type_check", True)
+        if kwargs:
+            raise TypeError(
+                "Unrecognized keyword arguments passed to `quantize`: "
+                f"{sorted(kwargs)}. Expected `mode`, `config`, `filters`, "
+                "`type_check`."
+            )
+        mode = quantize_backbone_layers(self, mode, config, filters, type_check)
+        self._quantization = {
+            "mode": mode,
+            "config": keras.saving.serialize_keras_object(config),
+        }
+        # Traced training, evaluation and generation functions hold the old
+        # variables; Keras' `Model.quantize` drops them the same way.
+        self.train_function = None
+        self.test_function = None
+        self.predict_function = None
+        self._post_quantize(mode)
+
+    def get_config(self):
+        config = super().get_config()
+        if self._quantization is not None:
+            config["quantization"] = self._quantization
+        return config
+
+    def _restore_quantization(self, quantization):
+        from keras_gemma2.models.quantization import restore_activation_quantizers
+
+        config = keras.saving.deserialize_keras_object(quantization["config"])
+        restore_activation_quantizers(self.backbone, quantization["mode"], config)
+        self._quantization = quantization
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Logits for `token_ids` at `cache_update_index`, updating the cache.
