@@ -164,7 +164,13 @@ def fit_resumable(
         state, path = _restore_newest(causal_lm, directory, run)
         step = state["step"] if state else 0
         checkpoint = _CheckpointEverySteps(
-            directory, run, steps_per_epoch, every_n_steps, keep, step
+            directory,
+            run,
+            steps_per_epoch,
+            every_n_steps,
+            keep,
+            step,
+            _decode_torch_states(state, path),
         )
         checkpoint.set_model(causal_lm)
         for epoch in range(step // steps_per_epoch, epochs):
@@ -248,7 +254,9 @@ def latest_checkpoint(directory):
 class _CheckpointEverySteps(keras.callbacks.Callback):
     """Counts optimizer steps; writes a checkpoint every `every_n_steps`."""
 
-    def __init__(self, directory, run, steps_per_epoch, every_n_steps, keep, step):
+    def __init__(
+        self, directory, run, steps_per_epoch, every_n_steps, keep, step, torch_state
+    ):
         super().__init__()
         self.directory = directory
         self.run = run
@@ -258,14 +266,24 @@ class _CheckpointEverySteps(keras.callbacks.Callback):
         self.step = step
         self.saved_step = step
         self.fit_start = step
+        self.torch_state = torch_state
 
     def start_fit(self, step):
         self.fit_start = step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Torch: each batch takes the global generator where the previous one
+        # left it. Draws in between (each `fit`'s data loader seeds itself
+        # from it) are undone, so a run resumed mid-epoch sees the same
+        # stream as an uninterrupted one.
+        if self.torch_state is not None:
+            _set_torch_generators(self.torch_state)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last batch of this `fit` done (steps_per_execution
         # may run several between callbacks).
         self.step = self.fit_start + batch + 1
+        self.torch_state = _get_torch_generators()
         if self.step // self.every_n_steps > self.saved_step // self.every_n_steps:
             self.save(complete=False)
 
@@ -289,7 +307,7 @@ class _CheckpointEverySteps(keras.callbacks.Callback):
                     {"path": v.path, "shape": list(v.shape), "dtype": v.dtype}
                     for v in variables
                 ],
-                "torch_random_states": _torch_random_states(),
+                "torch_random_states": _encode_torch_states(self.torch_state),
                 "files": {_VARIABLES_FILE: _file_digest(staging, _VARIABLES_FILE)},
             }
             atomic_write_json(os.path.join(staging, _STATE_FILE), state)
@@ -325,7 +343,6 @@ def _restore_newest(model, directory, run):
     _load_variables(
         os.path.join(path, _VARIABLES_FILE), _training_variables(model), state, path
     )
-    _restore_torch_random_states(state["torch_random_states"], path, state["backend"])
     return state, path
 
 
@@ -378,43 +395,59 @@ def _numpy_dtype(name):
         return np.dtype(getattr(ml_dtypes, name))
 
 
-def _torch_random_states():
-    """Torch's global generators, base64: unseeded dropout draws from them."""
+def _get_torch_generators():
+    """Torch's global generator states `{"cpu": [t], "cuda": [t, ...]}`; off torch None.
+
+    Unseeded dropout on torch draws from them, not from a `SeedGenerator`.
+    """
     if keras.backend.backend() != "torch":
         return None
     import torch
 
-    states = {"cpu": torch.get_rng_state()}
+    states = {"cpu": [torch.get_rng_state()]}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_torch_generators(states):
+    import torch
+
+    torch.set_rng_state(states["cpu"][0])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _encode_torch_states(states):
+    if states is None:
+        return None
     return {
-        device: [base64.b64encode(bytes(s.numpy())).decode() for s in value]
-        if isinstance(value, list)
-        else base64.b64encode(bytes(value.numpy())).decode()
-        for device, value in states.items()
+        device: [base64.b64encode(bytes(t.numpy())).decode() for t in tensors]
+        for device, tensors in states.items()
     }
 
 
-def _restore_torch_random_states(saved, path, backend):
-    if keras.backend.backend() != "torch":
-        return
-    import torch
-
-    if saved is None:
+def _decode_torch_states(state, path):
+    """The checkpoint's torch generator states, or `None` (fresh run, other backend)."""
+    if state is None or keras.backend.backend() != "torch":
+        return None
+    if state["torch_random_states"] is None:
         warnings.warn(
-            f"The checkpoint {path} was written on the {backend} backend and "
-            "holds no torch random state: dropout masks from here on differ "
+            f"The checkpoint {path} was written on the {state['backend']} backend "
+            "and holds no torch random state: dropout masks from here on differ "
             "from those of an uninterrupted torch run.",
             stacklevel=3,
         )
-        return
+        return None
+    import torch
 
     def tensor(text):
         return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
-    torch.set_rng_state(tensor(saved["cpu"]))
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensor(text) for text in saved["cuda"]])
+    return {
+        device: [tensor(text) for text in texts]
+        for device, texts in state["torch_random_states"].items()
+    }
 
 
 def _checkpoints(directory):
