@@ -220,6 +220,8 @@ def main():
                         rows[model] = run_child(
                             args, backend, length, variant, remat, model
                         )
+                        row = (backend, length, variant, remat, model, rows[model])
+                        print("#", json.dumps(row), flush=True)
                     print(_row(backend, length, variant, remat, rows), flush=True)
 
 
