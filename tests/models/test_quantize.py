@@ -72,12 +72,20 @@ def projections(backbone):
     ]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantize_with_preprocessor_stays_close_to_float(preset_model, mode):
-    weights, token_ids, float_logits = preset_model
-    causal_lm = loaded(weights)
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized_preset(request, preset_model):
+    """`(mode, the preset model quantized with its preprocessor attached)`."""
+    causal_lm = loaded(preset_model[0])
     assert causal_lm.preprocessor is not None
-    causal_lm.quantize(mode)
+    causal_lm.quantize(request.param)
+    return request.param, causal_lm
+
+
+def test_quantize_with_preprocessor_stays_close_to_float(
+    preset_model, quantized_preset
+):
+    _, token_ids, float_logits = preset_model
+    mode, causal_lm = quantized_preset
 
     backbone = causal_lm.backbone
     assert {layer.quantization_mode for layer in projections(backbone)} == {mode}
@@ -109,11 +117,11 @@ def test_quantize_with_preprocessor_stays_close_to_float(preset_model, mode):
     assert causal_lm.preprocessor.tokenizer.vocabulary_size() == 4096
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_keras_file_round_trip_keeps_quantized_logits(preset_model, tmp_path, mode):
-    weights, token_ids, _ = preset_model
-    causal_lm = loaded(weights)
-    causal_lm.quantize(mode)
+def test_keras_file_round_trip_keeps_quantized_logits(
+    preset_model, quantized_preset, tmp_path
+):
+    token_ids = preset_model[1]
+    mode, causal_lm = quantized_preset
     expected = logits_of(causal_lm, token_ids)
     path = str(tmp_path / f"{mode}.keras")
     causal_lm.save(path)
