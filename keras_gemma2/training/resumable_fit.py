@@ -98,7 +98,7 @@ def fit_resumable(
 
     Example:
 
-    >>> import keras, numpy as np, tempfile
+    >>> import keras, numpy as np, os, tempfile
     >>> from keras_gemma2.training import fit_resumable
     >>> def make_model():
     ...     keras.utils.set_random_seed(1)
