@@ -288,7 +288,7 @@ def _attach(layer, rank, alpha, in_size, out_size):
     layer.lora_kernel_a = layer.add_weight(
         name="lora_kernel_a",
         shape=(in_size, rank),
-        initializer="he_uniform",
+        initializer=_he_uniform,
         dtype="float32",
     )
     layer.lora_kernel_b = layer.add_weight(
@@ -302,6 +302,17 @@ def _attach(layer, rank, alpha, in_size, out_size):
     layer.lora_rank = rank
     layer.lora_alpha = alpha
     layer.__class__ = LoraEinsumDense
+
+
+def _he_uniform(shape, dtype=None):
+    """He-uniform `[in, rank]` values (Keras' choice for adapters), from numpy.
+
+    numpy's global generator, which `keras.utils.set_random_seed` seeds, so
+    runs repeat; drawing here avoids compiling one random kernel per adapter
+    shape on JAX.
+    """
+    limit = np.sqrt(6.0 / shape[0])
+    return np.random.uniform(-limit, limit, shape).astype(dtype or "float32")
 
 
 def _kernel_shape(layer):

@@ -173,7 +173,7 @@ def test_enable_twice_and_merge_without_lora_raise(backbone_factory):
 def test_merge_keeps_logits_and_saves_as_a_plain_model(tmp_path):
     causal_lm = make_causal_lm()
     backbone = causal_lm.backbone
-    token_ids = random_token_ids(2, 11, TINY_BACKBONE_CONFIG["vocabulary_size"])
+    token_ids = random_token_ids(2, 12, TINY_BACKBONE_CONFIG["vocabulary_size"])
     base = logits(causal_lm, token_ids)
     backbone.token_embedding.trainable = False  # a user's choice, kept by merge
     flags = [v.trainable for v in backbone.weights]
@@ -215,7 +215,7 @@ def test_keras_save_with_adapters_writes_merged_kernels(tmp_path):
     causal_lm = make_causal_lm()
     causal_lm.backbone.enable_lora(2, ["value", "gate"])
     randomize_adapters(causal_lm.backbone)
-    token_ids = random_token_ids(1, 9, TINY_BACKBONE_CONFIG["vocabulary_size"])
+    token_ids = random_token_ids(2, 12, TINY_BACKBONE_CONFIG["vocabulary_size"])
     expected = logits(causal_lm, token_ids)
     causal_lm.save(tmp_path / "adapted.keras")
     loaded = keras.models.load_model(tmp_path / "adapted.keras")
@@ -229,7 +229,7 @@ def test_lora_h5_round_trip_restores_targets_rank_and_alpha(tmp_path):
     randomize_adapters(source.backbone)
     path = str(tmp_path / "adapter.lora.h5")
     source.backbone.save_lora_weights(path)
-    token_ids = random_token_ids(1, 9, TINY_BACKBONE_CONFIG["vocabulary_size"])
+    token_ids = random_token_ids(2, 12, TINY_BACKBONE_CONFIG["vocabulary_size"])
 
     target = make_causal_lm()  # same base weights, no LoRA yet
     target.backbone.load_lora_weights(path)

@@ -213,11 +213,11 @@ def test_unmappable_peft_adapters_change_nothing(peft_adapter, tmp_path, case):
 
 def test_adapter_for_another_architecture_is_refused(peft_adapter, tmp_path):
     directory, _ = peft_adapter
-    # Shapes: the same adapter on a wider model.
-    wider = Gemma2Backbone(**{**TINY_BACKBONE_CONFIG, "hidden_dim": 48})
-    with pytest.raises(ValueError, match="has shape \\[4, 32\\]|another model"):
-        wider.load_lora_weights(os.path.join(directory, "adapter"))
-    assert lora.lora_state(wider) is None
+    # Shapes: the same adapter on a narrower model.
+    narrower = Gemma2Backbone(**{**TINY_BACKBONE_CONFIG, "hidden_dim": 24})
+    with pytest.raises(ValueError, match="another model"):
+        narrower.load_lora_weights(os.path.join(directory, "adapter"))
+    assert lora.lora_state(narrower) is None
     # Declared base model: a local checkpoint that is not Gemma 2.
     llama = tmp_path / "llama"
     llama.mkdir()
