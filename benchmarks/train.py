@@ -160,8 +160,17 @@ def run_child(args, backend, length, variant, remat, model):
     if error is None and process.returncode == 0 and lines:
         return json.loads(lines[-1])
     if error is None:
-        error = f"rc {process.returncode}: " + (err.strip().splitlines() or ["?"])[-1]
-    return {"error": error[:100]}
+        error = f"rc {process.returncode}: {_error_message(err)}"
+    return {"error": error[:160]}
+
+
+def _error_message(stderr):
+    """The exception line of a traceback and the message after it."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for index in range(len(lines) - 1, -1, -1):
+        if "Error:" in lines[index] or "Exception:" in lines[index]:
+            return " ".join(lines[index : index + 2]).replace("|", "/")
+    return (lines or ["?"])[-1]
 
 
 def main():
