@@ -41,6 +41,7 @@ other work: step times are noisy; compare ratios of rows run back to back.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -166,6 +167,7 @@ def run_child(args, backend, length, variant, remat, model):
 
 def _error_message(stderr):
     """The exception line of a traceback and the message after it."""
+    stderr = re.sub(r"\x1b\[[0-9;]*m", "", stderr)  # terminal colours
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for index in range(len(lines) - 1, -1, -1):
         if "Error:" in lines[index] or "Exception:" in lines[index]:
