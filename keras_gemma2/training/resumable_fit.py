@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -356,12 +357,16 @@ def _training_variables(model):
 
 
 def _save_variables(path, variables):
-    """Write each variable's bytes, as they are (bfloat16 and int4 included)."""
-    arrays = {}
-    for index, variable in enumerate(variables):
-        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value))
-        arrays[str(index)] = value.reshape(-1).view(np.uint8)
-    np.savez(path, **arrays)
+    """Write each variable's bytes as they are (bfloat16, int4...), one at a time.
+
+    An `.npz` (a zip of `.npy` files) built entry by entry: no second copy
+    of the whole model in host memory.
+    """
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, variable in enumerate(variables):
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value))
+            with archive.open(f"{index}.npy", "w", force_zip64=True) as file:
+                np.lib.format.write_array(file, value.reshape(-1).view(np.uint8))
 
 
 def _load_variables(path, variables, state, checkpoint):

@@ -326,3 +326,60 @@ def test_uncompiled_model_is_refused(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="uncompiled `causal_lm`"):
         fit_resumable(model, (X, Y), tmp_path, 1, 2)
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Interrupts `fit` once the optimizer has done `step` steps."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+        if int(done) == self.step:
+            raise KeyboardInterrupt
+
+
+def make_int8_lora_bfloat16_model():
+    """QLoRA-style int8 layer with a rank-2 adapter, then a bfloat16 layer."""
+    keras.utils.set_random_seed(2)
+    quantized = keras.layers.Dense(8, activation="tanh")
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            quantized,
+            keras.layers.Dropout(0.25),
+            keras.layers.Dense(1, dtype="bfloat16"),
+        ]
+    )
+    quantized.quantize("int8")
+    quantized.enable_lora(2)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    return model
+
+
+def test_int8_lora_and_bfloat16_variables_resume_exactly(tmp_path):
+    uninterrupted = make_int8_lora_bfloat16_model()
+    fit_resumable(uninterrupted, (X, Y), tmp_path / "a", 2, 2, verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        fit_resumable(
+            make_int8_lora_bfloat16_model(),
+            (X, Y),
+            tmp_path / "b",
+            2,
+            2,
+            every_n_steps=1,
+            callbacks=[StopAtStep(5)],
+            verbose=0,
+        )
+    path, state = latest_checkpoint(tmp_path / "b")
+    assert (state["step"], state["epoch"], state["batch"]) == (4, 1, 1)
+    dtypes = {entry["dtype"] for entry in state["variables"]}
+    assert {"int8", "bfloat16", "float32"} <= dtypes
+    model, counter = make_int8_lora_bfloat16_model(), CountSteps()
+    run = fit_resumable(model, (X, Y), tmp_path / "b", 2, 2, callbacks=[counter])
+    assert (run["resumed_from_step"], counter.steps) == (4, 2)
+    # LoRA adapters trained (not reloaded as zeros), base kernel still int8.
+    assert np.abs(model.layers[0].lora_kernel_b.numpy()).max() > 0
+    assert_same_weights(model, uninterrupted.get_weights())
