@@ -130,8 +130,9 @@ def test_keras_file_round_trip_keeps_quantized_logits(
     layers = projections(restored.backbone)
     assert {layer.quantization_mode for layer in layers} == {mode}
     # Saving keeps dtype policies but not each layer's QuantizationConfig;
-    # without restoring it, int4 projections come back quantizing their
-    # inputs to int8 (measured: logits move by 0.09).
+    # without restoring it, the weight-only int4 projections and int8 head
+    # come back quantizing their inputs to int8 (measured on jax: logits
+    # move by up to 0.23).
     np.testing.assert_array_equal(logits_of(restored, token_ids), expected)
 
 
