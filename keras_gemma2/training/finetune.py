@@ -3,7 +3,6 @@
 import json
 import os
 import tempfile
-import warnings
 
 import keras
 
@@ -307,15 +306,10 @@ def _fit_packed(causal_lm, packed, epochs, batch_size, learning_rate, seed, verb
         .shuffle(rows, seed=seed, reshuffle_each_iteration=True)
         .batch(min(batch_size, rows), drop_remainder=True)
     )
-    preprocessor = causal_lm.preprocessor
-    causal_lm.preprocessor = None  # the rows are packed already
-    try:
-        with warnings.catch_warnings():
-            # KerasHub passes `shuffle=True` on; the dataset shuffles itself.
-            warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-            history = causal_lm.fit(batches, epochs=epochs, verbose=verbose)
-    finally:
-        causal_lm.preprocessor = preprocessor
+    # The rows are packed already: `keras.Model.fit` skips the preprocessing
+    # KerasHub's `fit` would add. (Setting the preprocessor aside instead
+    # fails on torch after `quantize`, which locks the model's attributes.)
+    history = keras.Model.fit(causal_lm, batches, epochs=epochs, verbose=verbose)
     return [float(loss) for loss in history.history["loss"]]
 
 

@@ -33,7 +33,9 @@ FLAGS = [
     "--batch-size",
     "4",
     "--learning-rate",
-    "1e-2",
+    "2e-2",
+    "--lora-targets",
+    "all",
     "--sequence-length",
     "48",
 ]
@@ -125,8 +127,9 @@ def test_merged_preset_holds_the_trained_model(merged, base_weights):
     assert reference_response_loss(causal_lm, ROWS) == pytest.approx(
         report["loss_after"], rel=1e-4
     )
-    # Merged: no adapter file; only the query and value kernels (the default
-    # LoRA targets) differ from the base, every other weight is bit-identical.
+    # Merged: no adapter file; only the seven projection kernels of each
+    # block (the "all" LoRA targets) differ from the base, every other weight
+    # (embedding, norms) is bit-identical.
     assert not os.path.exists(os.path.join(out, "adapter.lora.h5"))
     tuned = weights_by_path(out)
     assert tuned.keys() == base_weights.keys()
@@ -134,8 +137,8 @@ def test_merged_preset_holds_the_trained_model(merged, base_weights):
         name for name in tuned if not np.array_equal(tuned[name], base_weights[name])
     }
     num_layers = causal_lm.backbone.num_layers
-    assert len(changed) == 2 * num_layers
-    assert all(("query" in name or "value" in name) for name in changed), changed
+    assert len(changed) == 7 * num_layers, sorted(changed)
+    assert not any("norm" in name or "embedding" in name for name in changed)
 
 
 def test_run_generates_a_learned_response(merged, capsys):
@@ -186,7 +189,8 @@ def test_kept_adapter_on_unchanged_base(kept_int8, base_weights):
         ('{"prompt": "x", "response": ""}', 'line 2: the row has an empty "response"'),
         ('{"instruction": "x", "output": "y"}', "line 2: the row has neither"),
         (
-            '{"messages": [{"role": "user", "content": "hi"}]}',
+            '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "model", "content": "hello"}]}',
             "line 2: a chat row, but line 1 is a prompt/response row",
         ),
     ],
