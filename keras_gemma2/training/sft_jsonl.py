@@ -88,10 +88,12 @@ def read_sft_jsonl(path):
     >>> with open(path, "w") as file:
     ...     _ = file.write('{"prompt": "def f():", "response": " pass"}\\n')
     ...     _ = file.write('{"prompt": "def g():"}\\n')
-    >>> read_sft_jsonl(path)
-    Traceback (most recent call last):
-    ...
-    ValueError: ...data.jsonl line 2: the row has no "response", expected a ...
+    >>> try:
+    ...     read_sft_jsonl(path)
+    ... except ValueError as error:
+    ...     message = str(error).replace(path, "data.jsonl")
+    >>> print(message.split(", expected")[0])
+    data.jsonl line 2: the row has no "response"
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -13,6 +13,7 @@ import json
 import os
 
 import h5py
+import keras
 import numpy as np
 import pytest
 
@@ -87,7 +88,7 @@ def reference_response_loss(causal_lm, rows):
             "token_ids": ids[None, :-1],
             "padding_mask": np.ones((1, len(ids) - 1), bool),
         }
-        logits = np.asarray(causal_lm(inputs), np.float64)[0]
+        logits = keras.ops.convert_to_numpy(causal_lm(inputs))[0].astype(np.float64)
         log_probs = logits - logits.max(-1, keepdims=True)
         log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
         # Position p predicts ids[p + 1]; the response starts at 1 + len(prompt).
