@@ -16,6 +16,7 @@ from keras_gemma2.models import (
     Gemma2CausalLMPreprocessor,
     Gemma2Tokenizer,
     format_chat,
+    format_chat_segments,
     get_preset_config,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "SoftCap",
     "SoftCappedDense",
     "format_chat",
+    "format_chat_segments",
     "get_preset_config",
     "soft_cap",
 ]

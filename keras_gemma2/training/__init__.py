@@ -1,9 +1,30 @@
-"""Training on top of `keras_gemma2.data`: fitting loops, and (to come) LoRA
-helpers, distillation and training callbacks.
+"""Training on top of `keras_gemma2.data` and `keras_gemma2.models`: fitting
+loops, supervised fine-tuning (response-only loss), LoRA and PEFT adapters,
+resumable runs.
 
 May import `data`, `generation` and `checkpoints`; nothing below imports it.
 """
 
+from keras_gemma2.training.finetune import finetune, fit_rows, load_finetuned
 from keras_gemma2.training.fit_on_windows import fit_on_windows
+from keras_gemma2.training.lora import LoraEinsumDense
+from keras_gemma2.training.peft_adapter import read_peft_adapter, save_peft_adapter
+from keras_gemma2.training.response_loss import preprocess_rows, response_loss
+from keras_gemma2.training.resumable_fit import fit_resumable, latest_checkpoint
+from keras_gemma2.training.sft_jsonl import bundled_dataset_path, read_sft_jsonl
 
-__all__ = ["fit_on_windows"]
+__all__ = [
+    "LoraEinsumDense",
+    "bundled_dataset_path",
+    "finetune",
+    "fit_on_windows",
+    "fit_resumable",
+    "fit_rows",
+    "latest_checkpoint",
+    "load_finetuned",
+    "preprocess_rows",
+    "read_peft_adapter",
+    "read_sft_jsonl",
+    "response_loss",
+    "save_peft_adapter",
+]
