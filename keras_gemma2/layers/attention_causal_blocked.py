@@ -1,5 +1,6 @@
 """Causal (global-layer) attention in query blocks: the logit triangle only."""
 
+import keras
 from keras import ops
 
 from keras_gemma2.layers.attention_masks import attention_mask
@@ -15,6 +16,7 @@ def causal_blocked_attention(
     soft_cap=None,
     dropout=None,
     block_size=None,
+    remat=False,
 ):
     """Causal (global-layer) self-attention in query blocks: half the logits.
 
@@ -34,6 +36,11 @@ def causal_blocked_attention(
         soft_cap: float or `None`.
         dropout: optional callable on the probabilities.
         block_size: optional int; defaults to `GLOBAL_BLOCK_SIZE`.
+        remat: bool. Wrap each query block in `keras.remat`, so that a
+            backward pass holds one block's `[B, N, block, end]` logits and
+            probabilities at a time instead of the whole triangle's (training
+            with `Gemma2Backbone(remat=True)`). Needs `dropout=None`: the
+            recomputation would draw another dropout mask.
 
     Returns:
         `[B, T, N, H]`.
@@ -44,6 +51,8 @@ def causal_blocked_attention(
             "The causal blocked kernel needs a static sequence length. "
             f"Received: query of shape {tuple(query.shape)}"
         )
+    if remat and dropout is not None:
+        raise ValueError("`remat=True` needs `dropout=None`.")
     block = block_size or GLOBAL_BLOCK_SIZE
     positions = ops.arange(length, dtype="int32")
     outputs = []
@@ -55,14 +64,13 @@ def causal_blocked_attention(
             None,
             None if padding_mask is None else padding_mask[:, :end],
         )
+
+        def block_attention(query, key, value, mask=mask):
+            return reference_attention(query, key, value, mask, soft_cap, dropout)
+
+        if remat:
+            block_attention = keras.remat(block_attention)
         outputs.append(
-            reference_attention(
-                query[:, start:end],
-                key[:, :end],
-                value[:, :end],
-                mask,
-                soft_cap,
-                dropout,
-            )
+            block_attention(query[:, start:end], key[:, :end], value[:, :end])
         )
     return ops.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]

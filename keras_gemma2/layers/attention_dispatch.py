@@ -155,6 +155,7 @@ def attention(
     implementation="auto",
     dropout=None,
     block_size=None,
+    remat=False,
 ):
     """Grouped-query self-attention with Gemma 2's soft cap and masks.
 
@@ -180,6 +181,9 @@ def attention(
         block_size: optional int, query block of the blocked kernels.
             Defaults to `default_block_size(sliding_window_size)` on local
             layers and `GLOBAL_BLOCK_SIZE` on global ones.
+        remat: bool. On global layers' causal blocks, rematerialize each
+            query block (see `causal_blocked_attention`); ignored with
+            dropout and by the other kernels. Defaults to `False`.
 
     Returns:
         `[B, T, N, H]` in the dtype of `value`.
@@ -236,7 +240,14 @@ def attention(
     if chosen == "blocked" and sliding_window_size is None:
         return exact_rows(
             causal_blocked_attention(
-                query, key, value, padding_mask, soft_cap, dropout, block_size
+                query,
+                key,
+                value,
+                padding_mask,
+                soft_cap,
+                dropout,
+                block_size,
+                remat=remat and dropout is None,
             )
         )
     # The leading arguments of the local and fused kernels and of `attention`.

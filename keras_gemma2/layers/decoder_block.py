@@ -100,6 +100,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             dropout=dropout,
             kernel_initializer=self.kernel_initializer,
             attention_implementation=attention_implementation,
+            remat=remat,
             dtype=self.dtype_policy,
             name="attention",
         )

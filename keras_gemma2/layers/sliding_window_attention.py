@@ -57,6 +57,10 @@ class SlidingWindowAttention(keras.layers.Layer):
             `"blocked"`, a cached decode step, an unsupported backend) uses
             the portable one. See
             `keras_gemma2.layers.attention_dispatch`. Defaults to `"auto"`.
+        remat: bool. In training (without dropout), rematerialize each query
+            block of a global layer's causal blocked kernel, so the backward
+            pass holds one block's logits at a time, not the whole triangle.
+            `Gemma2DecoderBlock(remat=True)` sets it. Defaults to `False`.
 
     Call arguments:
         hidden_states: float tensor `[batch, T, hidden_dim]`.
@@ -102,9 +106,16 @@ class SlidingWindowAttention(keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         attention_implementation="auto",
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not isinstance(remat, bool):
+            raise TypeError(
+                "Received an invalid value for `remat`, expected a bool. "
+                f"Received: remat={remat!r}"
+            )
+        self.remat = remat
         self.attention_implementation = validate_attention_implementation(
             attention_implementation
         )
@@ -240,6 +251,7 @@ class SlidingWindowAttention(keras.layers.Layer):
                 soft_cap=self.attention_logit_soft_cap,
                 implementation=self.attention_implementation,
                 dropout=dropout,
+                remat=self.remat and bool(training),
             )  # [B, T, N, H]
         else:
             last_position = start_position + length - 1
@@ -274,6 +286,7 @@ class SlidingWindowAttention(keras.layers.Layer):
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "attention_implementation": self.attention_implementation,
+            "remat": self.remat,
         }
 
 

@@ -280,6 +280,9 @@ class Gemma2CausalLM(Gemma2TrainingMethods, keras_hub.models.CausalLM):
         """
         from keras_gemma2.generation.inputs import make_sampler
 
+        # Read by the chunked loss (`causal_lm_training`), which applies only
+        # without loss weights.
+        self._loss_weights_argument = kwargs.get("loss_weights")
         super().compile(
             optimizer=optimizer,
             loss=loss,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2DecoderBlock
+from keras_gemma2.layers import attention_causal_blocked, attention_dispatch
 from keras_gemma2.models.backbone import JAX_CPU_REMAT_FLAG
 from tests.conftest import TINY_BACKBONE_CONFIG
 
@@ -84,6 +85,10 @@ def test_remat_gives_the_same_loss_and_gradients(monkeypatch):
         return original_remat(function)
 
     monkeypatch.setattr(keras, "remat", counting_remat)
+    # Global layers take the causal blocked kernel (blocks of 4 of 12 tokens),
+    # whose query blocks are rematerialized too.
+    monkeypatch.setattr(attention_dispatch, "GLOBAL_BLOCK_SIZE", 4)
+    monkeypatch.setattr(attention_causal_blocked, "GLOBAL_BLOCK_SIZE", 4)
     inputs, labels = _batch()
     plain = _causal_lm(remat=False)
     rematerialized = _causal_lm(remat=True)
@@ -92,8 +97,12 @@ def test_remat_gives_the_same_loss_and_gradients(monkeypatch):
     plain_loss, plain_grads = loss_and_gradients(plain, inputs, labels)
     assert not remat_calls
     remat_loss, remat_grads = loss_and_gradients(rematerialized, inputs, labels)
-    # Every block went through `keras.remat` (torch may trace twice).
-    assert len(remat_calls) >= TINY_BACKBONE_CONFIG["num_layers"]
+    # Every block, and each query block of the global layers, went through
+    # `keras.remat` (torch may trace twice).
+    layers = TINY_BACKBONE_CONFIG["num_layers"]
+    names = [function.__name__ for function in remat_calls]
+    assert names.count("forward") >= layers
+    assert names.count("block_attention") >= 3 * (layers // 2)
 
     assert np.isfinite(plain_loss) and plain_loss > 1.0
     np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
