@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 
 from keras_gemma2.data.corpus_windows import window_inputs_and_labels
@@ -47,21 +48,15 @@ def held_out_perplexity(causal_lm, windows, batch_size=8):
     10.0
     """
     positive_int(batch_size, "batch_size")
-    preprocessor = getattr(causal_lm, "preprocessor", None)
-    if preprocessor is not None:
-        causal_lm.preprocessor = None
-    try:
-        total, count = 0.0, 0
-        for begin in range(0, len(windows), batch_size):
-            inputs, labels = window_inputs_and_labels(
-                windows[begin : begin + batch_size]
-            )
-            logits = causal_lm.predict_on_batch(inputs)
-            total += _negative_log_likelihood(logits, labels)
-            count += labels.size
-    finally:
-        if preprocessor is not None:
-            causal_lm.preprocessor = preprocessor
+    total, count = 0.0, 0
+    for begin in range(0, len(windows), batch_size):
+        inputs, labels = window_inputs_and_labels(windows[begin : begin + batch_size])
+        # Token ids already: `keras.Model.predict_on_batch` skips KerasHub's
+        # preprocessing (no need to set the preprocessor aside, which fails on
+        # torch after `quantize`).
+        logits = keras.Model.predict_on_batch(causal_lm, inputs)
+        total += _negative_log_likelihood(logits, labels)
+        count += labels.size
     return math.exp(total / count)
 
 

@@ -1,5 +1,6 @@
 """Fit a causal language model on token windows, one loss-curve point per interval."""
 
+import keras
 import numpy as np
 
 from keras_gemma2.data.corpus_windows import window_inputs_and_labels
@@ -86,33 +87,31 @@ def fit_on_windows(
     if validation_windows is not None:
         validation = window_inputs_and_labels(validation_windows)
     steps = len(windows) // batch_size
-    preprocessor = getattr(causal_lm, "preprocessor", None)
-    if preprocessor is not None:
-        causal_lm.preprocessor = None
     curve = []
-    try:
-        for start in range(0, steps, log_every):
-            end = min(start + log_every, steps)
-            rows = windows[start * batch_size : end * batch_size]
-            # One `fit` a point: its single epoch's loss is the interval's mean.
-            # `tf.data` (installed with keras_hub) rather than numpy arrays: on
-            # jax they differ in the last bit of the validation loss, and the
-            # shipped `gemma2_tiny_python` curve was made with `tf.data`.
-            batches = tf.data.Dataset.from_tensor_slices(
-                window_inputs_and_labels(rows)
-            ).batch(batch_size)
-            history = causal_lm.fit(
-                batches,
-                shuffle=False,
-                validation_data=validation,
-                validation_batch_size=batch_size,
-                verbose=verbose,
-            ).history
-            point = {"step": end, "loss": history["loss"][0]}
-            if validation is not None:
-                point["held_out_loss"] = history["val_loss"][0]
-            curve.append(point)
-    finally:
-        if preprocessor is not None:
-            causal_lm.preprocessor = preprocessor
+    for start in range(0, steps, log_every):
+        end = min(start + log_every, steps)
+        rows = windows[start * batch_size : end * batch_size]
+        # One `fit` a point: its single epoch's loss is the interval's mean.
+        # `tf.data` (installed with keras_hub) rather than numpy arrays: on
+        # jax they differ in the last bit of the validation loss, and the
+        # shipped `gemma2_tiny_python` curve was made with `tf.data`.
+        batches = tf.data.Dataset.from_tensor_slices(
+            window_inputs_and_labels(rows)
+        ).batch(batch_size)
+        # The windows are token ids already: `keras.Model.fit` skips the
+        # preprocessing KerasHub's `fit` adds (setting the preprocessor
+        # aside instead fails on torch after `quantize`, which locks the
+        # model's attributes).
+        history = keras.Model.fit(
+            causal_lm,
+            batches,
+            shuffle=False,
+            validation_data=validation,
+            validation_batch_size=batch_size,
+            verbose=verbose,
+        ).history
+        point = {"step": end, "loss": history["loss"][0]}
+        if validation is not None:
+            point["held_out_loss"] = history["val_loss"][0]
+        curve.append(point)
     return curve

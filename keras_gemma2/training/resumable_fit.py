@@ -65,9 +65,9 @@ def fit_resumable(
     they are bitwise equal.
 
     Data go through `causal_lm.preprocessor` unless `data` is a tuple
-    `(x, y)` or `(x, y, sample_weight)` of preprocessed arrays, for which the
-    preprocessor is set aside during the fit. Each epoch (or its remainder) is
-    one `causal_lm.fit` call with `epochs=1`.
+    `(x, y)` or `(x, y, sample_weight)` of preprocessed arrays, which go
+    straight to `keras.Model.fit`. Each epoch (or its remainder) is one `fit`
+    call with `epochs=1`.
 
     Args:
         causal_lm: compiled Keras model, e.g. a `Gemma2CausalLM` (LoRA
@@ -158,46 +158,44 @@ def fit_resumable(
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
 
-    preprocessor = getattr(causal_lm, "preprocessor", None)
-    if preprocessed and preprocessor is not None:
-        causal_lm.preprocessor = None
-    try:
-        state, path = _restore_newest(causal_lm, directory, run)
-        step = state["step"] if state else 0
-        checkpoint = _CheckpointEverySteps(
-            directory,
-            run,
-            steps_per_epoch,
-            every_n_steps,
-            keep,
-            step,
-            _decode_torch_states(state, path),
+    # Preprocessed rows go through `keras.Model.fit`, which skips the
+    # preprocessing KerasHub's `fit` adds (setting the preprocessor aside
+    # instead fails on torch after `quantize`, which locks the attributes).
+    fit = keras.Model.fit if preprocessed else type(causal_lm).fit
+    state, path = _restore_newest(causal_lm, directory, run)
+    step = state["step"] if state else 0
+    checkpoint = _CheckpointEverySteps(
+        directory,
+        run,
+        steps_per_epoch,
+        every_n_steps,
+        keep,
+        step,
+        _decode_torch_states(state, path),
+    )
+    checkpoint.set_model(causal_lm)
+    for epoch in range(step // steps_per_epoch, epochs):
+        skip = step - epoch * steps_per_epoch
+        order = _epoch_order(seed, epoch, num_rows, shuffle)[skip * batch_size :]
+        x, y, sample_weight = _unpack(rebuild([leaf[order] for leaf in leaves]))
+        checkpoint.start_fit(step)
+        fit(
+            causal_lm,
+            x,
+            y,
+            sample_weight=sample_weight,
+            batch_size=batch_size,
+            epochs=1,
+            shuffle=False,
+            callbacks=list(callbacks or []) + [checkpoint],
+            verbose=verbose,
         )
-        checkpoint.set_model(causal_lm)
-        for epoch in range(step // steps_per_epoch, epochs):
-            skip = step - epoch * steps_per_epoch
-            order = _epoch_order(seed, epoch, num_rows, shuffle)[skip * batch_size :]
-            x, y, sample_weight = _unpack(rebuild([leaf[order] for leaf in leaves]))
-            checkpoint.start_fit(step)
-            causal_lm.fit(
-                x,
-                y,
-                sample_weight=sample_weight,
-                batch_size=batch_size,
-                epochs=1,
-                shuffle=False,
-                callbacks=list(callbacks or []) + [checkpoint],
-                verbose=verbose,
-            )
-            step = checkpoint.step
-            if getattr(causal_lm, "stop_training", False):
-                break
-        complete = step >= total_steps
-        if state is None or (state["step"], state["complete"]) != (step, complete):
-            path = checkpoint.save(complete=complete)
-    finally:
-        if preprocessed and preprocessor is not None:
-            causal_lm.preprocessor = preprocessor
+        step = checkpoint.step
+        if getattr(causal_lm, "stop_training", False):
+            break
+    complete = step >= total_steps
+    if state is None or (state["step"], state["complete"]) != (step, complete):
+        path = checkpoint.save(complete=complete)
     return {
         "resumed_from_step": state["step"] if state else 0,
         "steps": step,

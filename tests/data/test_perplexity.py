@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
@@ -24,10 +25,25 @@ class FixedLogits:
         self.batches = []
 
     def predict_on_batch(self, inputs):
-        assert self.preprocessor is None  # token ids go past the preprocessor
+        # Token ids go past the preprocessor (`keras.Model.predict_on_batch`),
+        # which stays attached.
+        assert self.preprocessor == "a preprocessor"
         self.batches.append(inputs["token_ids"].tolist())
         batch, length = inputs["token_ids"].shape
         return np.broadcast_to(self.logits, (batch, length, len(self.logits)))
+
+
+@pytest.fixture(autouse=True)
+def recording_predict(monkeypatch):
+    """`keras.Model.predict_on_batch(model, x)` on `FixedLogits` calls it."""
+    original = keras.Model.predict_on_batch
+
+    def predict_on_batch(model, *args, **kwargs):
+        if isinstance(model, FixedLogits):
+            return model.predict_on_batch(*args, **kwargs)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "predict_on_batch", predict_on_batch)
 
 
 def test_fixed_distribution_by_hand():
@@ -46,14 +62,6 @@ def test_uniform_logits_give_the_vocabulary_size():
     model = FixedLogits(np.full([7], 3.5))
     windows = np.arange(15).reshape(3, 5) % 7
     assert held_out_perplexity(model, windows) == pytest.approx(7.0, rel=1e-6)
-
-
-def test_preprocessor_is_put_back_after_an_error():
-    model = FixedLogits([0.0, 0.0])
-    model.predict_on_batch = lambda inputs: 1 / 0
-    with pytest.raises(ZeroDivisionError):
-        held_out_perplexity(model, np.array([[0, 1]]))
-    assert model.preprocessor == "a preprocessor"
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
