@@ -125,9 +125,7 @@ class Gemma2TrainingMethods:
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         if not self._loss_reads_hidden_states():
-            return super().compute_loss(
-                x, y, y_pred, sample_weight, training=training
-            )
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
         loss = self._chunkable_loss()
         per_token = self.token_cross_entropy(y_pred, y)
         reducer = _PerTokenValues(

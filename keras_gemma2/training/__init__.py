@@ -1,10 +1,16 @@
 """Training on top of `keras_gemma2.data` and `keras_gemma2.models`: fitting
 loops, supervised fine-tuning (response-only loss), LoRA and PEFT adapters,
-resumable runs.
+resumable runs, knowledge distillation.
 
 May import `data`, `generation` and `checkpoints`; nothing below imports it.
 """
 
+from keras_gemma2.training.distillation_loss import (
+    LogitsKLDistillation,
+    distillation_loss,
+    token_distillation_losses,
+)
+from keras_gemma2.training.distiller import Gemma2Distiller
 from keras_gemma2.training.finetune import finetune, fit_rows, load_finetuned
 from keras_gemma2.training.fit_on_windows import fit_on_windows
 from keras_gemma2.training.lora import LoraEinsumDense
@@ -14,8 +20,11 @@ from keras_gemma2.training.resumable_fit import fit_resumable, latest_checkpoint
 from keras_gemma2.training.sft_jsonl import bundled_dataset_path, read_sft_jsonl
 
 __all__ = [
+    "Gemma2Distiller",
+    "LogitsKLDistillation",
     "LoraEinsumDense",
     "bundled_dataset_path",
+    "distillation_loss",
     "finetune",
     "fit_on_windows",
     "fit_resumable",
@@ -27,4 +36,5 @@ __all__ = [
     "read_sft_jsonl",
     "response_loss",
     "save_peft_adapter",
+    "token_distillation_losses",
 ]

@@ -136,13 +136,21 @@ def test_calling_the_model_still_returns_logits(three_token_chunks):
     causal_lm.compile()
     inputs, labels, _ = _data()
     assert tuple(causal_lm(inputs, training=True).shape) == (2, 12, VOCABULARY)
-    assert causal_lm.predict(inputs, batch_size=2, verbose=0).shape == (2, 12, VOCABULARY)
+    assert causal_lm.predict(inputs, batch_size=2, verbose=0).shape == (
+        2,
+        12,
+        VOCABULARY,
+    )
 
 
 @pytest.mark.parametrize(
     "compile_kwargs",
     [
-        {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)},
+        {
+            "loss": keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, ignore_class=0
+            )
+        },
         {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=False)},
         {"loss": "sparse_categorical_crossentropy"},
         {
@@ -190,4 +198,6 @@ def test_loss_chunk_length_keeps_chunks_within_the_budget():
     for batch, vocabulary in [(1, 32000), (4, 256000), (8, 96), (3, 7)]:
         tokens = causal_lm_training.loss_chunk_length(batch, vocabulary)
         assert tokens * batch * vocabulary * 4 <= causal_lm_training.LOSS_CHUNK_BYTES
-        assert (tokens + 1) * batch * vocabulary * 4 > causal_lm_training.LOSS_CHUNK_BYTES
+        assert (
+            tokens + 1
+        ) * batch * vocabulary * 4 > causal_lm_training.LOSS_CHUNK_BYTES

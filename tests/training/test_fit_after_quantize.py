@@ -31,7 +31,12 @@ def test_window_and_resumable_fits_after_int8_quantize(tmp_path):
 
     x = {"token_ids": windows[:, :-1], "padding_mask": np.ones((4, 8), "int32")}
     result = fit_resumable(
-        causal_lm, (x, windows[:, 1:]), tmp_path / "run", epochs=2, batch_size=2, verbose=0
+        causal_lm,
+        (x, windows[:, 1:]),
+        tmp_path / "run",
+        epochs=2,
+        batch_size=2,
+        verbose=0,
     )
     assert result["steps"] == 4
     # Four more steps on the same windows: their perplexity fell.

@@ -1,0 +1,271 @@
+"""`Gemma2Distiller`: train a student `Gemma2CausalLM` on a teacher's distributions."""
+
+import math
+import warnings
+
+import keras
+from keras import ops
+
+from keras_gemma2.layers.validation import positive_number
+from keras_gemma2.training.distillation_loss import distillation_loss
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma2")
+class Gemma2Distiller(keras.Model):
+    """Knowledge distillation: a student learns a frozen teacher's next-token
+    distributions, as Gemma 2's 2B and 9B models were trained.
+
+    Each training step runs the teacher (no gradients, `training=False`) and
+    the student on the same tokens and minimises, per token, the divergence
+    from the teacher's distribution to the student's at `temperature` (forward
+    KL by default, `beta` for the generalised JSD), optionally mixed with the
+    student's next-token cross-entropy by `alpha`:
+
+    `loss = (1 - alpha) * tau^2 * D(teacher_tau || student_tau) + alpha * CE`,
+
+    averaged over the tokens whose `sample_weight` is nonzero (padding is 0;
+    with `{"prompts", "responses"}` or chat data the prompt is 0 too). See
+    `keras_gemma2.training.distillation_loss`.
+
+    Data: what `Gemma2CausalLM.fit` takes (strings, `{"prompts",
+    "responses"}`, chats, or a `tf.data.Dataset` of strings or of
+    `format_chat_segments` rows), preprocessed by the student's preprocessor
+    (the teacher's if the student has none), and already-preprocessed `(x,
+    y, sample_weight)` with `x` a dict holding `"token_ids"` and
+    `"padding_mask"`, like any Keras model. Lists are preprocessed eagerly,
+    once, before training.
+
+    The teacher may be float32, bfloat16 or quantized (`quantize("int8")`):
+    its logits are cast to float32 for the loss. It is frozen: its weights
+    are non-trainable and never change. `save` / `keras.models.load_model`
+    round-trip both models; `distiller.student` is a plain `Gemma2CausalLM`
+    (generate, save, export it as usual).
+
+    Args:
+        teacher: `Gemma2CausalLM`.
+        student: `Gemma2CausalLM` with the teacher's vocabulary (same size
+            and, when both carry a tokenizer, the same SentencePiece model).
+            A student larger than its teacher is allowed, with a warning.
+        temperature: positive float `tau`. Defaults to `1.0`.
+        alpha: float in `[0, 1]`, the weight of the cross-entropy on the
+            labels. Defaults to `0.0` (pure distillation).
+        beta: float in `[0, 1]`; `0` is forward KL(teacher || student), `1`
+            reverse KL, in between the generalised JSD. Defaults to `0.0`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+    >>> from keras_gemma2.training import Gemma2Distiller
+    >>> teacher = Gemma2CausalLM.from_preset("gemma2_tiny_python")
+    >>> student = Gemma2CausalLM(
+    ...     Gemma2Backbone(vocabulary_size=4096, num_layers=2, num_query_heads=2,
+    ...                    num_key_value_heads=1, hidden_dim=64,
+    ...                    intermediate_dim=128, head_dim=32,
+    ...                    sliding_window_size=64),
+    ...     preprocessor=teacher.preprocessor)
+    >>> distiller = Gemma2Distiller(teacher=teacher, student=student)
+    >>> distiller.compile(optimizer=keras.optimizers.Adam(1e-3))
+    >>> history = distiller.fit(["def add(a, b):\\n    return a + b\\n"] * 2,
+    ...                         batch_size=2, epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['loss']
+    """
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        temperature=1.0,
+        alpha=0.0,
+        beta=0.0,
+        **kwargs,
+    ):
+        from keras_gemma2.models.causal_lm import Gemma2CausalLM
+
+        for name, model in (("teacher", teacher), ("student", student)):
+            if not isinstance(model, Gemma2CausalLM):
+                raise TypeError(
+                    f"Received an invalid value for `{name}`, expected a "
+                    f"`Gemma2CausalLM`. Received: {name}={type(model).__name__}"
+                )
+        _check_same_vocabulary(teacher, student)
+        temperature = _finite_positive(temperature, "temperature")
+        alpha = _unit_interval(alpha, "alpha")
+        beta = _unit_interval(beta, "beta")
+        teacher_size, student_size = teacher.count_params(), student.count_params()
+        if student_size > teacher_size:
+            warnings.warn(
+                f"The student has more parameters ({student_size}) than the "
+                f"teacher ({teacher_size}); distillation usually goes the "
+                "other way.",
+                stacklevel=2,
+            )
+        # A plain `keras.Model`, not a KerasHub `Task`: constructing a
+        # subclassed `Task` resets KerasHub's `PipelineModel` bases, which
+        # breaks every functional task built before it (teacher and student).
+        super().__init__(**kwargs)
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        teacher.trainable = False
+        self.teacher = teacher
+        self.student = student
+
+    @property
+    def preprocessor(self):
+        """The student's preprocessor, else the teacher's (raw data only)."""
+        return self.student.preprocessor or self.teacher.preprocessor
+
+    # === Keras model ===
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def compile(self, optimizer="adam", loss=None, **kwargs):
+        """Like `keras.Model.compile`; the loss is the distiller's own.
+
+        `loss` must stay `None`: the loss is set by `temperature`, `alpha`
+        and `beta`. Metrics see the student's logits.
+        """
+        if loss is not None:
+            raise ValueError(
+                "`Gemma2Distiller` computes its own loss (set `temperature`, "
+                "`alpha` and `beta` when constructing it). Received: "
+                f"loss={loss!r}"
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
+        loss = distillation_loss(
+            y_pred,
+            teacher_logits,
+            labels=y if self.alpha > 0 else None,
+            sample_weight=sample_weight,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+        )
+        for term in self.losses:
+            loss = loss + self._aggregate_additional_loss(term)
+        return loss
+
+    # === Data: raw through the preprocessor, token ids straight in ===
+
+    def fit(self, x=None, y=None, sample_weight=None, **kwargs):
+        x, y, sample_weight = self._preprocess(x, y, sample_weight)
+        validation_data = kwargs.get("validation_data")
+        if validation_data is not None:
+            validation = keras.utils.unpack_x_y_sample_weight(validation_data)
+            kwargs["validation_data"] = self._preprocess(*validation)
+        return super().fit(x, y, sample_weight=sample_weight, **kwargs)
+
+    def evaluate(self, x=None, y=None, sample_weight=None, **kwargs):
+        if not kwargs.get("_use_cached_eval_dataset"):
+            x, y, sample_weight = self._preprocess(x, y, sample_weight)
+        return super().evaluate(x, y, sample_weight=sample_weight, **kwargs)
+
+    def _preprocess(self, x, y=None, sample_weight=None):
+        """Token ids pass through; text, pairs and chats go through the
+        preprocessor (eagerly, or mapped over a `tf.data.Dataset`)."""
+        if x is None or _is_preprocessed(x):
+            return x, y, sample_weight
+        preprocessor = self.preprocessor
+        if preprocessor is None:
+            raise ValueError(
+                "`Gemma2Distiller` received raw data but neither the student "
+                "nor the teacher has a preprocessor. Pass token ids "
+                "(`x` a dict with 'token_ids' and 'padding_mask') or attach "
+                "a `Gemma2CausalLMPreprocessor`."
+            )
+        import tensorflow as tf
+
+        if isinstance(x, tf.data.Dataset):
+            mapped = x.map(
+                lambda *sample: preprocessor(*sample),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            return mapped.prefetch(tf.data.AUTOTUNE), None, None
+        packed = preprocessor(x, y, sample_weight)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(packed)
+        return keras.tree.map_structure(
+            keras.ops.convert_to_numpy, (x, y, sample_weight)
+        )
+
+    # === Serialization ===
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "student": keras.saving.serialize_keras_object(self.student),
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for name in ("teacher", "student"):
+            if isinstance(config[name], dict):
+                config[name] = keras.saving.deserialize_keras_object(config[name])
+        return cls(**config)
+
+
+def _finite_positive(value, name):
+    value = positive_number(value, name)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a finite "
+            f"positive number. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _unit_interval(value, name):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (0.0 <= value <= 1.0)
+    ):
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a number in "
+            f"[0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _check_same_vocabulary(teacher, student):
+    """Same vocabulary size and, when both have one, the same tokenizer."""
+    sizes = teacher.backbone.vocabulary_size, student.backbone.vocabulary_size
+    if sizes[0] != sizes[1]:
+        raise ValueError(
+            "The teacher and the student must share a vocabulary. Received: "
+            f"teacher vocabulary_size={sizes[0]}, student vocabulary_size="
+            f"{sizes[1]}"
+        )
+    protos = [
+        getattr(getattr(model.preprocessor, "tokenizer", None), "proto", None)
+        for model in (teacher, student)
+    ]
+    if all(proto is not None for proto in protos) and protos[0] != protos[1]:
+        raise ValueError(
+            "The teacher and the student have different tokenizers (their "
+            "SentencePiece models differ): the same token ids would mean "
+            "different text. Give the student the teacher's preprocessor."
+        )
+
+
+def _is_preprocessed(x):
+    """Whether `x` (or a dataset's first element) is token ids already."""
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover - keras_hub installs it
+        tf = None
+    if tf is not None and isinstance(x, tf.data.Dataset):
+        x = x.element_spec
+        if isinstance(x, tuple):
+            x = x[0]
+    return isinstance(x, dict) and "token_ids" in x

@@ -1,0 +1,191 @@
+"""`Gemma2Distiller`: its loss against float64 numpy, what it trains, saving, errors."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM, Gemma2CausalLMPreprocessor
+from keras_gemma2.data import GEMMA_TURN_PIECES, train_sentencepiece
+from keras_gemma2.models import Gemma2Tokenizer
+from keras_gemma2.training import Gemma2Distiller
+from tests.text_fixtures import corpus_lines, make_text_causal_lm
+
+PAIRS = {
+    "prompts": ["def add(a, b):", "import os"],
+    "responses": ["\n    return a + b\n", "\nprint(os.sep)\n"],
+}
+
+
+def _models(vocabulary, sequence_length=24):
+    keras.utils.set_random_seed(1)
+    teacher = make_text_causal_lm(vocabulary, sequence_length)
+    keras.utils.set_random_seed(2)
+    student = make_text_causal_lm(vocabulary, sequence_length)
+    return teacher, student
+
+
+def _numpy_loss(teacher, student, x, y, weights, temperature, alpha):
+    """Float64: (1 - alpha) tau^2 KL(teacher_tau || student_tau) + alpha CE."""
+
+    def log_softmax(logits):
+        logits = logits - logits.max(-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    teacher_logits = keras.ops.convert_to_numpy(teacher(x)).astype("float64")
+    student_logits = keras.ops.convert_to_numpy(student(x)).astype("float64")
+    log_p = log_softmax(teacher_logits / temperature)
+    log_q = log_softmax(student_logits / temperature)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1) * temperature**2
+    cross_entropy = -np.take_along_axis(log_softmax(student_logits), y[..., None], -1)[
+        ..., 0
+    ]
+    per_token = (1 - alpha) * kl + alpha * cross_entropy
+    return (per_token * weights).sum() / weights.sum()
+
+
+def test_loss_equals_float64_numpy_on_raw_and_preprocessed_data(gemma_vocabulary):
+    teacher, student = _models(gemma_vocabulary)
+    distiller = Gemma2Distiller(teacher, student, temperature=2.0, alpha=0.25)
+    distiller.compile(optimizer="sgd")
+    x, y, weights = student.preprocessor(PAIRS)  # response-only weights
+    x = {name: keras.ops.convert_to_numpy(value) for name, value in x.items()}
+    y, weights = keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(weights)
+    # The prompts are masked, the padding too: some weights are 0, some 1.
+    assert 0 < weights.sum() < weights.size
+
+    expected = _numpy_loss(teacher, student, x, y, weights, 2.0, 0.25)
+    from_arrays = distiller.evaluate(x, y, sample_weight=weights, verbose=0)
+    from_text = distiller.evaluate(PAIRS, batch_size=2, verbose=0)
+    np.testing.assert_allclose(from_arrays, expected, rtol=1e-5)
+    np.testing.assert_allclose(from_text, expected, rtol=1e-5)
+
+
+def test_fit_trains_the_student_and_leaves_the_teacher(gemma_vocabulary):
+    teacher, student = _models(gemma_vocabulary)
+    teacher_before = [w.copy() for w in teacher.get_weights()]
+    student_before = [w.copy() for w in student.get_weights()]
+    distiller = Gemma2Distiller(teacher, student)
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2))
+    assert len(distiller.trainable_weights) == len(student.trainable_weights)
+
+    texts = ["def f(x):\n    return x * 2\n", "for i in range(3):\n    print(i)\n"]
+    history = distiller.fit(texts * 2, batch_size=2, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    for before, after in zip(teacher_before, teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    changed = [
+        not np.array_equal(before, after)
+        for before, after in zip(student_before, student.get_weights(), strict=True)
+    ]
+    assert all(changed)
+    assert student.generate("def f(", max_length=12)
+
+
+@pytest.mark.parametrize("teacher_kind", ["bfloat16", "int8"])
+def test_low_precision_teachers(gemma_vocabulary, teacher_kind):
+    teacher, student = _models(gemma_vocabulary)
+    if teacher_kind == "int8":
+        teacher.quantize("int8")
+    else:
+        config = teacher.backbone.get_config()
+        config["dtype"] = "bfloat16"
+        low = Gemma2CausalLM(Gemma2Backbone.from_config(config), teacher.preprocessor)
+        low.set_weights(teacher.get_weights())
+        teacher = low
+    distiller = Gemma2Distiller(teacher, student)
+    distiller.compile(optimizer="sgd")
+    x, y, weights = student.preprocessor(PAIRS)
+    x = {name: keras.ops.convert_to_numpy(value) for name, value in x.items()}
+    y, weights = keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(weights)
+    expected = _numpy_loss(teacher, student, x, y, weights, 1.0, 0.0)
+    loss = distiller.evaluate(x, y, sample_weight=weights, verbose=0)
+    # The teacher's logits round differently in `evaluate`'s compiled graph
+    # than in the eager reference call (bfloat16: 8 bits of mantissa).
+    np.testing.assert_allclose(loss, expected, rtol=1e-2)
+    history = distiller.fit(x, y, sample_weight=weights, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_save_and_load_model_round_trip(gemma_vocabulary, tmp_path):
+    teacher, student = _models(gemma_vocabulary)
+    distiller = Gemma2Distiller(teacher, student, temperature=1.5, beta=0.5)
+    distiller.compile(optimizer="adam")
+    distiller.fit(PAIRS, batch_size=2, verbose=0)
+    path = str(tmp_path / "distiller.keras")
+    distiller.save(path)
+
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, Gemma2Distiller)
+    assert (loaded.temperature, loaded.alpha, loaded.beta) == (1.5, 0.0, 0.5)
+    assert type(loaded.student) is Gemma2CausalLM
+    assert not loaded.teacher.trainable
+    x = {"token_ids": np.array([[2, 40, 41, 42]]), "padding_mask": np.ones((1, 4))}
+    for original, restored in ((student, loaded.student), (teacher, loaded.teacher)):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(restored(x)),
+            keras.ops.convert_to_numpy(original(x)),
+            rtol=0,
+            atol=1e-6,
+        )
+    # The student leaves as a plain causal LM, preprocessor included.
+    assert loaded.student.generate("import", max_length=10)
+
+
+def test_vocabulary_mismatches_are_refused(gemma_vocabulary):
+    teacher, _ = _models(gemma_vocabulary)
+    config = teacher.backbone.get_config()
+    config["vocabulary_size"] -= 1
+    smaller = Gemma2CausalLM(Gemma2Backbone.from_config(config))
+    with pytest.raises(ValueError, match="teacher vocabulary_size=800, student"):
+        Gemma2Distiller(teacher, smaller)
+
+    # Same size, other text: another SentencePiece model.
+    other_vocabulary = train_sentencepiece(
+        corpus_lines()[::2], 800, user_defined_pieces=GEMMA_TURN_PIECES
+    )
+    other = Gemma2CausalLM(
+        Gemma2Backbone(**teacher.backbone.get_config()),
+        Gemma2CausalLMPreprocessor(Gemma2Tokenizer(proto=other_vocabulary)),
+    )
+    with pytest.raises(ValueError, match="different tokenizers"):
+        Gemma2Distiller(teacher, other)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"temperature": float("inf")}, "temperature=inf"),
+        ({"alpha": 1.5}, "alpha=1.5"),
+        ({"beta": -0.1}, "beta=-0.1"),
+    ],
+)
+def test_bad_settings(gemma_vocabulary, arguments, message):
+    teacher, student = _models(gemma_vocabulary)
+    with pytest.raises(ValueError, match=message):
+        Gemma2Distiller(teacher, student, **arguments)
+
+
+def test_bad_models_and_loss(gemma_vocabulary):
+    teacher, student = _models(gemma_vocabulary)
+    with pytest.raises(TypeError, match="`teacher`, expected a `Gemma2CausalLM`"):
+        Gemma2Distiller(teacher.backbone, student)
+    distiller = Gemma2Distiller(teacher, student)
+    with pytest.raises(ValueError, match="computes its own loss"):
+        distiller.compile(optimizer="sgd", loss="mse")
+
+
+def test_a_student_larger_than_its_teacher_warns(gemma_vocabulary):
+    teacher, student = _models(gemma_vocabulary)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Gemma2Distiller(student=teacher, teacher=_models(gemma_vocabulary)[1])
+    assert not [w for w in caught if "more parameters" in str(w.message)]
+    config = teacher.backbone.get_config()
+    config.update(num_layers=3)
+    larger = Gemma2CausalLM(Gemma2Backbone.from_config(config), teacher.preprocessor)
+    with pytest.warns(UserWarning, match="more parameters"):
+        Gemma2Distiller(teacher, larger)
