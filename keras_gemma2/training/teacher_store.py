@@ -472,12 +472,17 @@ def _resume_manifest(directory, run):
     manifest = _read_manifest(directory)
     for key in _RUN_KEYS:
         if manifest[key] != run[key]:
-            what = "the teacher" if key == "teacher_fingerprint" else "the data"
-            what = what if key in ("teacher_fingerprint", "data_sha256") else key
+            what = {
+                "teacher_fingerprint": "another teacher",
+                "data_sha256": "other data",
+            }
+            was, now = manifest[key], run[key]
+            if key in what:  # hex digests: their first 12 characters
+                was, now = f"{was[:12]}...", f"{now[:12]}..."
             raise ValueError(
-                f"The teacher store {directory} was begun with another "
-                f"{what}: it has {key}={manifest[key]!r}, this call "
-                f"{key}={run[key]!r}. Nothing was written. Pass the same "
+                f"The teacher store {directory} was begun with "
+                f"{what.get(key, f'another {key}')}: it has {key}={was}, this "
+                f"call {key}={now}. Nothing was written. Pass the same "
                 "teacher, data and arguments to resume it, or another "
                 "`directory`."
             )
