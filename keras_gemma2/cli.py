@@ -1,4 +1,4 @@
-"""`keras-gemma2` command line: run, chat, convert, finetune."""
+"""`keras-gemma2` command line: run, chat, convert, finetune, distill."""
 
 import argparse
 import os
@@ -13,6 +13,18 @@ EXAMPLES = """examples:
   keras-gemma2 convert kaggle://keras/gemma2/keras/gemma2_2b_en/1 ./hf --to transformers
   keras-gemma2 finetune gemma2_tiny_python data.jsonl --out ./tuned --epochs 3
   keras-gemma2 finetune ./gemma-2-2b chats.jsonl --out ./tuned --quantize int8
+  keras-gemma2 distill gemma2_tiny_python student.json data.jsonl --out ./student
+"""
+DISTILL_DATA = """TEACHER is a preset; STUDENT is a preset or a .json file of
+Gemma2Backbone arguments (vocabulary_size defaults to the teacher's), e.g.
+  {"num_layers": 2, "num_query_heads": 2, "num_key_value_heads": 1,
+   "hidden_dim": 96, "intermediate_dim": 256, "head_dim": 48,
+   "sliding_window_size": 64}
+DATA is a JSONL file of prompt/response or chat rows, as for `finetune`: the
+student learns the teacher's next-token distributions on the response tokens.
+
+OUT is the student as a preset for `keras-gemma2 run OUT`; OUT/distill.json
+records the settings and the student's response loss before and after.
 """
 FINETUNE_DATA = """DATA is a JSONL file, one row a line, all rows of one kind:
   {"prompt": "...", "response": "..."}                 loss on the response only
@@ -141,6 +153,44 @@ def build_parser():
     finetune.add_argument(
         "--backend", choices=("jax", "tensorflow", "torch"), default=None
     )
+    distill = commands.add_parser(
+        "distill",
+        help="distil a teacher preset into a student on JSONL rows",
+        description=DISTILL_DATA,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    distill.add_argument("teacher", help="teacher preset name, directory or handle")
+    distill.add_argument("student", help="student preset, or a .json backbone config")
+    distill.add_argument("data", help="JSONL file of training rows")
+    distill.add_argument("--out", required=True, help="preset directory to write")
+    distill.add_argument(
+        "--eval", default=None, help="JSONL of held-out rows for the loss report"
+    )
+    distill.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="distil from the teacher's K most likely tokens only (default: all)",
+    )
+    distill.add_argument("--temperature", type=float, default=1.0)
+    distill.add_argument(
+        "--alpha",
+        type=float,
+        default=0.0,
+        help="weight of the next-token cross-entropy (default: 0)",
+    )
+    distill.add_argument("--epochs", type=int, default=1)
+    distill.add_argument("--batch-size", type=int, default=4)
+    distill.add_argument("--learning-rate", type=float, default=1e-3)
+    distill.add_argument("--sequence-length", type=int, default=None)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out"
+    )
+    distill.add_argument(
+        "--backend", choices=("jax", "tensorflow", "torch"), default=None
+    )
     return parser
 
 
@@ -179,6 +229,43 @@ def finetune(args, out=None):
     )
     kept = " (adapter kept: adapter.lora.h5)" if args.keep_adapters else ""
     out.write(f"Done: {report['output']}{kept}\n")
+    return report
+
+
+def distill(args, out=None):
+    """Distil `args.teacher` into `args.student` on `args.data`; write `args.out`."""
+    from keras_gemma2.training.distill import distill as run_distill
+    from keras_gemma2.training.sft_jsonl import read_sft_jsonl
+
+    out = out or sys.stdout
+    rows = read_sft_jsonl(args.data)
+    eval_rows = None if args.eval is None else read_sft_jsonl(args.eval)
+    out.write(
+        f"Distilling {args.teacher} into {args.student} on {len(rows)} rows of "
+        f"{args.data}\n"
+    )
+    report = run_distill(
+        args.teacher,
+        args.student,
+        rows,
+        args.out,
+        eval_rows=eval_rows,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        sequence_length=args.sequence_length,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    where = "held-out" if args.eval else "training"
+    out.write(
+        f"Student response loss on the {where} rows: {report['loss_before']:.4f} "
+        f"-> {report['loss_after']:.4f}\n"
+    )
+    out.write(f"Done: {report['output']}\n")
     return report
 
 
@@ -331,6 +418,8 @@ def main(argv=None):
             chat(args)
         elif args.command == "finetune":
             finetune(args)
+        elif args.command == "distill":
+            distill(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         # User errors: one clear line, no traceback.
         print(f"keras-gemma2: error: {error}", file=sys.stderr)

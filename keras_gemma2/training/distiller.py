@@ -51,6 +51,16 @@ class Gemma2Distiller(keras.Model):
             labels. Defaults to `0.0` (pure distillation).
         beta: float in `[0, 1]`; `0` is forward KL(teacher || student), `1`
             reverse KL, in between the generalised JSD. Defaults to `0.0`.
+        top_k: int or `None`. Distil from the teacher's `top_k` most likely
+            tokens per position only, both distributions renormalised over
+            them (`topk_distillation`): what training from a teacher store
+            computes, online. Forward KL only. Defaults to `None` (the full
+            distribution).
+
+    The teacher may be `None` when the data carry its stored top-k outputs
+    (`read_teacher_store`): `y = {"labels", "teacher_ids",
+    "teacher_logprobs"}`. Such data are used whenever `y` is that dict,
+    teacher or not.
 
     Example:
 
@@ -79,21 +89,45 @@ class Gemma2Distiller(keras.Model):
         temperature=1.0,
         alpha=0.0,
         beta=0.0,
+        top_k=None,
         **kwargs,
     ):
         from keras_gemma2.models.causal_lm import Gemma2CausalLM
 
         for name, model in (("teacher", teacher), ("student", student)):
-            if not isinstance(model, Gemma2CausalLM):
+            if not isinstance(model, Gemma2CausalLM) and not (
+                name == "teacher" and model is None
+            ):
                 raise TypeError(
                     f"Received an invalid value for `{name}`, expected a "
                     f"`Gemma2CausalLM`. Received: {name}={type(model).__name__}"
                 )
-        _check_same_vocabulary(teacher, student)
         temperature = _finite_positive(temperature, "temperature")
         alpha = _unit_interval(alpha, "alpha")
         beta = _unit_interval(beta, "beta")
-        teacher_size, student_size = teacher.count_params(), student.count_params()
+        vocabulary_size = student.backbone.vocabulary_size
+        if top_k is not None:
+            if (
+                isinstance(top_k, bool)
+                or not isinstance(top_k, int)
+                or not (0 < top_k <= vocabulary_size)
+            ):
+                raise ValueError(
+                    "Received an invalid value for `top_k`, expected an "
+                    f"integer in [1, {vocabulary_size}] (the vocabulary size) "
+                    f"or None. Received: top_k={top_k!r}"
+                )
+            if beta != 0.0:
+                raise ValueError(
+                    "`top_k` distils with forward KL only; received "
+                    f"top_k={top_k} with beta={beta}."
+                )
+        if teacher is not None:
+            _check_same_vocabulary(teacher, student)
+            teacher_size = teacher.count_params()
+            student_size = student.count_params()
+        else:
+            teacher_size = student_size = 0
         if student_size > teacher_size:
             warnings.warn(
                 f"The student has more parameters ({student_size}) than the "
@@ -106,14 +140,18 @@ class Gemma2Distiller(keras.Model):
         # breaks every functional task built before it (teacher and student).
         super().__init__(**kwargs)
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
-        teacher.trainable = False
+        self.top_k = top_k
+        if teacher is not None:
+            teacher.trainable = False
         self.teacher = teacher
         self.student = student
 
     @property
     def preprocessor(self):
         """The student's preprocessor, else the teacher's (raw data only)."""
-        return self.student.preprocessor or self.teacher.preprocessor
+        if self.student.preprocessor is not None or self.teacher is None:
+            return self.student.preprocessor
+        return self.teacher.preprocessor
 
     # === Keras model ===
 
@@ -137,16 +175,55 @@ class Gemma2Distiller(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
-        loss = distillation_loss(
-            y_pred,
-            teacher_logits,
-            labels=y if self.alpha > 0 else None,
-            sample_weight=sample_weight,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            beta=self.beta,
+        from keras_gemma2.training.topk_distillation import (
+            teacher_topk,
+            topk_distillation_loss,
         )
+
+        stored = isinstance(y, dict)
+        if stored:
+            missing = {"labels", "teacher_ids", "teacher_logprobs"} - set(y)
+            if missing:
+                raise ValueError(
+                    "Stored teacher outputs must come as `y = {'labels', "
+                    f"'teacher_ids', 'teacher_logprobs'}}`; missing {sorted(missing)}."
+                )
+            teacher_ids, teacher_logprobs, labels = (
+                y["teacher_ids"],
+                y["teacher_logprobs"],
+                y["labels"],
+            )
+        else:
+            if self.teacher is None:
+                raise ValueError(
+                    "This `Gemma2Distiller` has no teacher, so its data must "
+                    "carry the teacher's stored top-k outputs "
+                    "(`read_teacher_store`); received plain labels."
+                )
+            labels = y
+            teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
+        if stored or self.top_k is not None:
+            if not stored:
+                teacher_ids, teacher_logprobs = teacher_topk(teacher_logits, self.top_k)
+            loss = topk_distillation_loss(
+                y_pred,
+                teacher_ids,
+                teacher_logprobs,
+                labels=labels if self.alpha > 0 else None,
+                sample_weight=sample_weight,
+                temperature=self.temperature,
+                alpha=self.alpha,
+            )
+        else:
+            loss = distillation_loss(
+                y_pred,
+                teacher_logits,
+                labels=labels if self.alpha > 0 else None,
+                sample_weight=sample_weight,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                beta=self.beta,
+            )
         for term in self.losses:
             loss = loss + self._aggregate_additional_loss(term)
         return loss
@@ -203,6 +280,7 @@ class Gemma2Distiller(keras.Model):
             "temperature": self.temperature,
             "alpha": self.alpha,
             "beta": self.beta,
+            "top_k": self.top_k,
         }
 
     @classmethod

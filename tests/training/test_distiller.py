@@ -189,3 +189,45 @@ def test_a_student_larger_than_its_teacher_warns(gemma_vocabulary):
     larger = Gemma2CausalLM(Gemma2Backbone.from_config(config), teacher.preprocessor)
     with pytest.warns(UserWarning, match="more parameters"):
         Gemma2Distiller(teacher, larger)
+
+
+def _numpy_topk_loss(teacher, student, x, weights, k, temperature):
+    """Float64 forward KL over the teacher's top k, both renormalised at tau."""
+
+    def log_softmax(logits):
+        logits = logits - logits.max(-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    teacher_logits = keras.ops.convert_to_numpy(teacher(x)).astype("float64")
+    student_logits = keras.ops.convert_to_numpy(student(x)).astype("float64")
+    ids = np.argsort(-teacher_logits, axis=-1, kind="stable")[..., :k]
+    teacher_kept = np.take_along_axis(log_softmax(teacher_logits), ids, -1)
+    student_kept = np.take_along_axis(student_logits, ids, -1)
+    log_p = log_softmax(teacher_kept / temperature)
+    log_q = log_softmax(student_kept / temperature)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1) * temperature**2
+    return (kl * weights).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("k", [5, 800])
+def test_online_top_k_equals_float64_numpy(gemma_vocabulary, k):
+    """Top k renormalised; at k = vocabulary it is the full forward KL."""
+    teacher, student = _models(gemma_vocabulary)
+    distiller = Gemma2Distiller(teacher, student, temperature=2.0, top_k=k)
+    distiller.compile(optimizer="sgd")
+    x, y, weights = student.preprocessor(PAIRS)
+    x = {name: keras.ops.convert_to_numpy(value) for name, value in x.items()}
+    y, weights = keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(weights)
+    loss = distiller.evaluate(x, y, sample_weight=weights, verbose=0)
+    expected = _numpy_topk_loss(teacher, student, x, weights, k, 2.0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    if k == 800:
+        full = _numpy_loss(teacher, student, x, y, weights, 2.0, 0.0)
+        np.testing.assert_allclose(loss, full, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 801, 2.5])
+def test_bad_top_k(gemma_vocabulary, top_k):
+    teacher, student = _models(gemma_vocabulary)
+    with pytest.raises(ValueError, match=f"top_k={top_k}"):
+        Gemma2Distiller(teacher, student, top_k=top_k)
