@@ -230,9 +230,11 @@ class _TopkTrainer(keras.Model):
     """
 
     def __init__(self, student, teacher=None):
-        super().__init__()
+        super().__init__(name="topk_trainer")
         self.student = student
         self.teacher = teacher
+        if teacher is not None:
+            teacher.trainable = False
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
