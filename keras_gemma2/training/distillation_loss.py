@@ -247,6 +247,28 @@ def distillation_loss(
     >>> round(float(keras.ops.convert_to_numpy(loss)), 4)
     0.2158
     """
+    losses = token_distillation_losses(
+        student_logits, teacher_logits, temperature=temperature, beta=beta
+    )
+    return mix_and_reduce(
+        losses, student_logits, labels, sample_weight, alpha, reduction
+    )
+
+
+def mix_and_reduce(
+    losses,
+    student_logits,
+    labels=None,
+    sample_weight=None,
+    alpha=0.0,
+    reduction="mean_with_sample_weight",
+):
+    """`(1 - alpha) * losses + alpha * cross_entropy`, weighted and reduced.
+
+    The tail shared by `distillation_loss` and
+    `topk_distillation.topk_distillation_loss`: `losses` are per-token
+    divergences `[batch, T]`; the arguments are theirs.
+    """
     alpha = _check_unit_interval(alpha, "alpha")
     if reduction not in REDUCTIONS:
         raise ValueError(
@@ -258,9 +280,6 @@ def distillation_loss(
             "`labels` are required when `alpha > 0` (the cross-entropy "
             f"weight). Received: labels=None, alpha={alpha!r}"
         )
-    losses = token_distillation_losses(
-        student_logits, teacher_logits, temperature=temperature, beta=beta
-    )
     token_shape = tuple(losses.shape)
     if labels is not None:
         labels = ops.convert_to_tensor(labels)

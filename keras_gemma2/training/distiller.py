@@ -57,6 +57,15 @@ class Gemma2Distiller(keras.Model):
             computes, online. Forward KL only. Defaults to `None` (the full
             distribution).
 
+        on_policy_fraction: float in `[0, 1]`, GKD's `lambda`: the share of
+            batches rebuilt from the student's own continuations of their
+            prompts before the step (`keras_gemma2.training.on_policy`).
+            `0` is supervised distillation. Needs prompt-marked data
+            (prompt/response or chat rows, or token arrays with
+            response-only weights); such `fit` calls run batch by batch
+            (`train_on_batch`) without callbacks. Defaults to `0.0`.
+        seed: int or `None`. Seeds the on-policy draws and shuffling.
+
     The teacher may be `None` when the data carry its stored top-k outputs
     (`read_teacher_store`): `y = {"labels", "teacher_ids",
     "teacher_logprobs"}`. Such data are used whenever `y` is that dict,
@@ -90,6 +99,8 @@ class Gemma2Distiller(keras.Model):
         alpha=0.0,
         beta=0.0,
         top_k=None,
+        on_policy_fraction=0.0,
+        seed=None,
         **kwargs,
     ):
         from keras_gemma2.models.causal_lm import Gemma2CausalLM
@@ -105,6 +116,7 @@ class Gemma2Distiller(keras.Model):
         temperature = _finite_positive(temperature, "temperature")
         alpha = _unit_interval(alpha, "alpha")
         beta = _unit_interval(beta, "beta")
+        on_policy_fraction = _unit_interval(on_policy_fraction, "on_policy_fraction")
         vocabulary_size = student.backbone.vocabulary_size
         if top_k is not None:
             if (
@@ -141,6 +153,8 @@ class Gemma2Distiller(keras.Model):
         super().__init__(**kwargs)
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
         self.top_k = top_k
+        self.on_policy_fraction = on_policy_fraction
+        self.seed = seed
         if teacher is not None:
             teacher.trainable = False
         self.teacher = teacher
@@ -182,6 +196,8 @@ class Gemma2Distiller(keras.Model):
 
         stored = isinstance(y, dict)
         if stored:
+            if sample_weight is None:
+                sample_weight = y.get("sample_weight")
             missing = {"labels", "teacher_ids", "teacher_logprobs"} - set(y)
             if missing:
                 raise ValueError(
@@ -232,6 +248,26 @@ class Gemma2Distiller(keras.Model):
 
     def fit(self, x=None, y=None, sample_weight=None, **kwargs):
         x, y, sample_weight = self._preprocess(x, y, sample_weight)
+        if self.on_policy_fraction > 0:
+            from keras_gemma2.training.on_policy import fit_on_policy
+
+            unsupported = set(kwargs) - {"batch_size", "epochs", "shuffle", "verbose"}
+            if unsupported:
+                raise ValueError(
+                    "On-policy `fit` takes `batch_size`, `epochs`, `shuffle` "
+                    f"and `verbose` only. Received: {sorted(unsupported)}"
+                )
+            return fit_on_policy(
+                self,
+                x,
+                y,
+                sample_weight,
+                batch_size=kwargs.get("batch_size"),
+                epochs=kwargs.get("epochs", 1),
+                shuffle=kwargs.get("shuffle", True),
+                seed=self.seed,
+                verbose=kwargs.get("verbose", "auto"),
+            )
         validation_data = kwargs.get("validation_data")
         if validation_data is not None:
             validation = keras.utils.unpack_x_y_sample_weight(validation_data)
@@ -246,6 +282,10 @@ class Gemma2Distiller(keras.Model):
     def _preprocess(self, x, y=None, sample_weight=None):
         """Token ids pass through; text, pairs and chats go through the
         preprocessor (eagerly, or mapped over a `tf.data.Dataset`)."""
+        if isinstance(y, dict) and sample_weight is not None:
+            # Keras takes one weight per sample beside a dict `y`; per-token
+            # weights of stored teacher outputs travel inside it.
+            y, sample_weight = {**y, "sample_weight": sample_weight}, None
         if x is None or _is_preprocessed(x):
             return x, y, sample_weight
         preprocessor = self.preprocessor
@@ -281,6 +321,8 @@ class Gemma2Distiller(keras.Model):
             "alpha": self.alpha,
             "beta": self.beta,
             "top_k": self.top_k,
+            "on_policy_fraction": self.on_policy_fraction,
+            "seed": self.seed,
         }
 
     @classmethod

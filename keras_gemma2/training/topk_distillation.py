@@ -13,10 +13,8 @@ the forward KL of `token_distillation_losses`.
 from keras import ops
 
 from keras_gemma2.training.distillation_loss import (
-    _check_token_shape,
-    _check_unit_interval,
     _log_softmax,
-    _token_cross_entropy,
+    mix_and_reduce,
     token_distillation_losses,
 )
 
@@ -207,24 +205,7 @@ def topk_distillation_loss(
     >>> bool(np.isclose(ops.convert_to_numpy(loss), expected))
     True
     """
-    alpha = _check_unit_interval(alpha, "alpha")
-    if alpha > 0 and labels is None:
-        raise ValueError(
-            "`labels` are required when `alpha > 0` (the cross-entropy "
-            f"weight). Received: labels=None, alpha={alpha!r}"
-        )
     losses = topk_token_distillation_losses(
         student_logits, teacher_ids, teacher_logprobs, temperature=temperature
     )
-    token_shape = tuple(losses.shape)
-    if labels is not None:
-        labels = ops.convert_to_tensor(labels)
-        _check_token_shape(labels, token_shape, "labels")
-    if alpha > 0:
-        cross_entropy = _token_cross_entropy(student_logits, labels)
-        losses = (1 - alpha) * losses + alpha * cross_entropy
-    if sample_weight is None:
-        return ops.mean(losses)
-    weights = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
-    _check_token_shape(weights, token_shape, "sample_weight")
-    return ops.divide_no_nan(ops.sum(weights * losses), ops.sum(weights))
+    return mix_and_reduce(losses, student_logits, labels, sample_weight, alpha)

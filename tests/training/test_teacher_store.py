@@ -9,17 +9,15 @@ import keras
 import numpy as np
 import pytest
 
-from keras_gemma2.training.distillation_loss import token_distillation_losses
-from keras_gemma2.training.teacher_store import (
+from keras_gemma2.training import (
     read_teacher_store,
     store_bytes_per_token,
     teacher_fingerprint,
-    write_teacher_store,
-)
-from keras_gemma2.training.topk_distillation import (
     teacher_topk,
+    token_distillation_losses,
     topk_distillation_loss,
     topk_token_distillation_losses,
+    write_teacher_store,
 )
 from tests.text_fixtures import make_text_causal_lm
 
