@@ -42,4 +42,3 @@ def test_window_and_resumable_fits_after_int8_quantize(tmp_path):
     # Four more steps on the same windows: their perplexity fell.
     assert held_out_perplexity(causal_lm, windows, batch_size=2) < before
     assert causal_lm.preprocessor is preprocessor
-    assert causal_lm.generate("def f(", max_length=12)
