@@ -1,8 +1,9 @@
 """Every notebook in `notebooks/` runs top to bottom under the current KERAS_BACKEND.
 
 Each notebook asserts its own measured effect (the held-out response loss
-falls by its stated margin); a failing cell, that assertion included, fails
-the test. The kernel is `python3` launched with this interpreter (the one
+falls by its stated margin; the distilled student's held-out loss is below
+the from-scratch one); a failing cell, that assertion included, fails the
+test. The kernel is `python3` launched with this interpreter (the one
 running pytest, so the same virtualenv), with `KERAS_BACKEND` passed through
 the environment.
 """
@@ -28,7 +29,7 @@ def notebook_paths():
 
 def test_notebooks_exist():
     names = {path.name for path in notebook_paths()}
-    assert {"finetune_lora.ipynb", "qlora_chat.ipynb"} <= names
+    assert {"finetune_lora.ipynb", "qlora_chat.ipynb", "distill.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda path: path.stem)
@@ -58,6 +59,7 @@ def test_notebook_runs(path, tmp_path):
     )
     # The backend cell took effect in the kernel.
     assert f"backend: {keras.config.backend()}" in outputs
-    assert "held-out response loss:" in outputs
-    measured = [line for line in outputs.splitlines() if "response loss" in line]
+    # Each prints its held-out losses (and asserts its own effect).
+    measured = [line for line in outputs.splitlines() if "held-out" in line]
+    assert any("loss" in line for line in measured), outputs[-2000:]
     print(f"{path.name} on {keras.config.backend()}: {seconds:.1f} s", *measured)
