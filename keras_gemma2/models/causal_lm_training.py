@@ -191,7 +191,7 @@ class Gemma2TrainingMethods:
         >>> x = {"token_ids": np.array([[2, 5, 9, 7]]),
         ...      "padding_mask": np.ones((1, 4), bool)}
         >>> hidden = causal_lm.backbone(x)
-        >>> causal_lm.token_cross_entropy(hidden, np.array([[5, 9, 7, 1]])).shape
+        >>> tuple(causal_lm.token_cross_entropy(hidden, np.array([[5, 9, 7, 1]])).shape)
         (1, 4)
         """
         labels = ops.convert_to_tensor(labels, "int32")
