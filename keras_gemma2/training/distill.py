@@ -8,6 +8,7 @@ import keras
 from keras_gemma2.checkpoints.atomic import atomic_directory, atomic_write_json
 from keras_gemma2.layers.validation import positive_int, positive_number
 from keras_gemma2.training.distiller import Gemma2Distiller
+from keras_gemma2.training.finetune import free_output, shuffled_batches, text_model
 from keras_gemma2.training.response_loss import preprocess_rows, weighted_cross_entropy
 
 DISTILL_FILE = "distill.json"
@@ -82,25 +83,14 @@ def distill(
     print(report["loss_before"], report["loss_after"])
     ```
     """
-    from keras_gemma2.models.causal_lm import Gemma2CausalLM
 
     positive_int(epochs, "epochs")
     positive_int(batch_size, "batch_size")
     positive_number(learning_rate, "learning_rate")
     if not rows:
         raise ValueError("Received no `rows`, expected at least one training row.")
-    output = os.path.abspath(os.fspath(output))
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(
-            f"The output directory {output} already exists; pass overwrite=True "
-            "(--overwrite) to replace it, or choose another directory."
-        )
-    teacher_model = Gemma2CausalLM.from_preset(teacher)
-    if teacher_model.preprocessor is None:
-        raise ValueError(
-            f"Received teacher={teacher!r}, which has no tokenizer, expected a "
-            "preset that can read text rows."
-        )
+    output = free_output(output, overwrite)
+    teacher_model = text_model(teacher, "teacher")
     keras.utils.set_random_seed(seed)
     student_model, student_source = _student(student, teacher_model)
     distiller = Gemma2Distiller(
@@ -119,7 +109,7 @@ def distill(
     loss_before = weighted_cross_entropy(student_model, *held_out, batch_size)
     distiller.compile(optimizer=keras.optimizers.Adam(learning_rate))
     history = distiller.fit(
-        _shuffled_batches(train, batch_size, seed), epochs=epochs, verbose=verbose
+        shuffled_batches(train, batch_size, seed), epochs=epochs, verbose=verbose
     )
     loss_after = weighted_cross_entropy(student_model, *held_out, batch_size)
     report = {
@@ -185,15 +175,3 @@ def _student(student, teacher):
     return Gemma2CausalLM(
         backbone, teacher.preprocessor
     ), config if source == "config" else source
-
-
-def _shuffled_batches(packed, batch_size, seed):
-    """Full batches of the packed rows, reshuffled every epoch."""
-    import tensorflow as tf
-
-    rows = len(packed[1])
-    return (
-        tf.data.Dataset.from_tensor_slices(packed)
-        .shuffle(rows, seed=seed, reshuffle_each_iteration=True)
-        .batch(min(batch_size, rows), drop_remainder=True)
-    )

@@ -133,18 +133,8 @@ def finetune(
         keep_adapters,
         seed,
     )
-    output = os.path.abspath(os.fspath(output))
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(
-            f"The output directory {output} already exists; pass overwrite=True "
-            "(--overwrite) to replace it, or choose another directory."
-        )
-    causal_lm = Gemma2CausalLM.from_preset(preset)
-    if causal_lm.preprocessor is None:
-        raise ValueError(
-            f"Received preset={preset!r}, which has no tokenizer, expected a "
-            "preset that can read text rows."
-        )
+    output = free_output(output, overwrite)
+    causal_lm = text_model(preset, "preset")
     train = preprocess_rows(causal_lm.preprocessor, rows, sequence_length)
     held_out = (
         train
@@ -292,7 +282,6 @@ def fit_rows(
 
 def _fit_packed(causal_lm, packed, epochs, batch_size, learning_rate, seed, verbose):
     """`fit_rows` on rows packed already by `preprocess_rows`."""
-    import tensorflow as tf
 
     positive_int(epochs, "epochs")
     positive_int(batch_size, "batch_size")
@@ -300,17 +289,46 @@ def _fit_packed(causal_lm, packed, epochs, batch_size, learning_rate, seed, verb
     optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=0.01)
     optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
     causal_lm.compile(optimizer=optimizer)
-    rows = len(packed[1])
-    batches = (
-        tf.data.Dataset.from_tensor_slices(packed)
-        .shuffle(rows, seed=seed, reshuffle_each_iteration=True)
-        .batch(min(batch_size, rows), drop_remainder=True)
-    )
+    batches = shuffled_batches(packed, batch_size, seed)
     # The rows are packed already: `keras.Model.fit` skips the preprocessing
     # KerasHub's `fit` would add. (Setting the preprocessor aside instead
     # fails on torch after `quantize`, which locks the model's attributes.)
     history = keras.Model.fit(causal_lm, batches, epochs=epochs, verbose=verbose)
     return [float(loss) for loss in history.history["loss"]]
+
+
+def free_output(output, overwrite):
+    """`output` as an absolute path; `FileExistsError` if taken and not `overwrite`."""
+    output = os.path.abspath(os.fspath(output))
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(
+            f"The output directory {output} already exists; pass overwrite=True "
+            "(--overwrite) to replace it, or choose another directory."
+        )
+    return output
+
+
+def text_model(preset, name):
+    """`Gemma2CausalLM.from_preset(preset)`, which must have a tokenizer."""
+    causal_lm = Gemma2CausalLM.from_preset(preset)
+    if causal_lm.preprocessor is None:
+        raise ValueError(
+            f"Received {name}={preset!r}, which has no tokenizer, expected a "
+            "preset that can read text rows."
+        )
+    return causal_lm
+
+
+def shuffled_batches(packed, batch_size, seed):
+    """Full batches of packed rows as `tf.data`, reshuffled every epoch."""
+    import tensorflow as tf
+
+    rows = len(packed[1])
+    return (
+        tf.data.Dataset.from_tensor_slices(packed)
+        .shuffle(rows, seed=seed, reshuffle_each_iteration=True)
+        .batch(min(batch_size, rows), drop_remainder=True)
+    )
 
 
 def _checked_settings(
