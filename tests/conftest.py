@@ -3,6 +3,16 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Eight virtual CPU devices for the distribution tests (tests/distribution),
+# set before JAX creates its CPU client. Everything else runs on device 0.
+VIRTUAL_DEVICES = 8
+_DEVICE_COUNT_FLAG = f"--xla_force_host_platform_device_count={VIRTUAL_DEVICES}"
+if os.environ.get("KERAS_BACKEND", "jax") == "jax" and (
+    "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " " + _DEVICE_COUNT_FLAG
+    ).strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
