@@ -17,7 +17,8 @@ optimizer and seed:
 It prints, and writes to `--output/results.json`, the held-out perplexity of
 the teacher and of each student both ways, with the tokens seen; and, with
 `--top-k K`, a third run of the larger student from a stored top-K teacher
-(`write_teacher_store`) to show how close the store gets to online.
+(`write_teacher_store`) to show how close the store gets to online
+(`--stored-only` skips the four online runs and does just that one).
 
     python examples/distill_tiny.py --steps 300 --output /tmp/distill_tiny
 
@@ -67,6 +68,7 @@ def parse_args(argv):
     parser.add_argument("--held-out-percent", type=float, default=5.0)
     parser.add_argument("--max-files", type=int, default=None)
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--stored-only", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="distill_tiny")
     return parser.parse_args(argv)
@@ -144,7 +146,9 @@ def main(argv=None):
         "backend": keras.config.backend(),
         "students": {},
     }
-    for name, config in STUDENTS.items():
+    if args.stored_only and not args.top_k:
+        raise SystemExit("--stored-only needs --top-k K")
+    for name, config in () if args.stored_only else STUDENTS.items():
         row = {"config": config}
         for mode in ("scratch", "distilled"):
             model = student(config)
@@ -184,11 +188,17 @@ def main(argv=None):
         model = student(STUDENTS["half"])
         trainer = Gemma2Distiller(None, model)
         trainer.compile(optimizer=optimizer())
+        run_started = time.time()
         trainer.fit(*stored[:2], sample_weight=stored[2], batch_size=args.batch_size,
                     shuffle=False, verbose=2)  # fmt: skip
-        results["students"]["half"][f"stored_top{args.top_k}"] = {
-            "perplexity": perplexity(model)
+        row = results["students"].setdefault(
+            "half", {"parameters": int(model.count_params())}
+        )
+        row[f"stored_top{args.top_k}"] = {
+            "perplexity": perplexity(model),
+            "train_seconds": round(time.time() - run_started, 1),
         }
+        print(f"half stored top-{args.top_k}: {row[f'stored_top{args.top_k}']}")
     results["wall_seconds"] = round(time.time() - started, 1)
     with open(os.path.join(args.output, "results.json"), "w") as file:
         json.dump(results, file, indent=2)
@@ -198,10 +208,13 @@ def main(argv=None):
         f"{results['teacher']['perplexity']:.2f} | |"
     )
     for name, row in results["students"].items():
-        print(
-            f"| {name} | {row['parameters']:,} | {row['scratch']['perplexity']:.2f} |"
-            f" {row['distilled']['perplexity']:.2f} |"
+        scratch, distilled = (
+            f"{row[mode]['perplexity']:.2f}" if mode in row else "-"
+            for mode in ("scratch", "distilled")
         )
+        print(f"| {name} | {row['parameters']:,} | {scratch} | {distilled} |")
+        for key in sorted(k for k in row if k.startswith("stored_top")):
+            print(f"| {name}, {key} | | | {row[key]['perplexity']:.2f} |")
     return results
 
 

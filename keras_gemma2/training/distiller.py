@@ -52,10 +52,11 @@ class Gemma2Distiller(keras.Model):
         beta: float in `[0, 1]`; `0` is forward KL(teacher || student), `1`
             reverse KL, in between the generalised JSD. Defaults to `0.0`.
         top_k: int or `None`. Distil from the teacher's `top_k` most likely
-            tokens per position only, both distributions renormalised over
-            them (`topk_distillation`): what training from a teacher store
-            computes, online. Forward KL only. Defaults to `None` (the full
-            distribution).
+            tokens per position plus one outcome for all the others (the
+            mass the teacher leaves outside its top `k`, matched by the
+            student's; `topk_distillation`): what training from a teacher
+            store computes, online. Forward KL only. Defaults to `None`
+            (the full distribution).
 
         on_policy_fraction: float in `[0, 1]`, GKD's `lambda`: the share of
             batches rebuilt from the student's own continuations of their
@@ -68,8 +69,12 @@ class Gemma2Distiller(keras.Model):
 
     The teacher may be `None` when the data carry its stored top-k outputs
     (`read_teacher_store`): `y = {"labels", "teacher_ids",
-    "teacher_logprobs"}`. Such data are used whenever `y` is that dict,
-    teacher or not.
+    "teacher_logprobs"}`, with the log-probabilities at this distiller's
+    `temperature`. Such data are used whenever `y` is that dict, teacher or
+    not. When `y` also holds `"teacher_temperature"` (as
+    `read_teacher_store` returns it), `fit` and `evaluate` check it on the
+    host and refuse a store made at another temperature; a
+    `tf.data.Dataset` of stored outputs is not checked.
 
     Example:
 
@@ -220,7 +225,9 @@ class Gemma2Distiller(keras.Model):
             teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
         if stored or self.top_k is not None:
             if not stored:
-                teacher_ids, teacher_logprobs = teacher_topk(teacher_logits, self.top_k)
+                teacher_ids, teacher_logprobs = teacher_topk(
+                    teacher_logits, self.top_k, self.temperature
+                )
             loss = topk_distillation_loss(
                 y_pred,
                 teacher_ids,
@@ -282,6 +289,9 @@ class Gemma2Distiller(keras.Model):
     def _preprocess(self, x, y=None, sample_weight=None):
         """Token ids pass through; text, pairs and chats go through the
         preprocessor (eagerly, or mapped over a `tf.data.Dataset`)."""
+        if isinstance(y, dict) and "teacher_temperature" in y:
+            y = dict(y)
+            self._check_store_temperature(y.pop("teacher_temperature"))
         if isinstance(y, dict) and sample_weight is not None:
             # Keras takes one weight per sample beside a dict `y`; per-token
             # weights of stored teacher outputs travel inside it.
@@ -309,6 +319,21 @@ class Gemma2Distiller(keras.Model):
         return keras.tree.map_structure(
             keras.ops.convert_to_numpy, (x, y, sample_weight)
         )
+
+    def _check_store_temperature(self, stored):
+        import numpy as np
+
+        stored = np.unique(np.asarray(keras.ops.convert_to_numpy(stored)))
+        if stored.size and not np.allclose(stored, self.temperature, rtol=1e-6):
+            raise ValueError(
+                "The stored teacher outputs are log-probabilities at "
+                f"temperature {', '.join(f'{t:g}' for t in stored)}, this "
+                f"`Gemma2Distiller` trains at temperature={self.temperature:g}. "
+                "The mass outside the stored top k does not carry over to "
+                "another temperature: write the store with "
+                f"`write_teacher_store(..., temperature={self.temperature:g})` "
+                "or build the distiller with the store's temperature."
+            )
 
     # === Serialization ===
 

@@ -14,14 +14,17 @@ Layout of a store directory:
   (the last shard may hold fewer): `token_ids` int32 `[rows, T]`,
   `padding_mask` bool `[rows, T]`, `labels` int32 `[rows, T]`,
   `sample_weight` float32 `[rows, T]`, `teacher_ids` int32 `[rows, T, k]`,
-  `teacher_logprobs` float32 `[rows, T, k]`. The log-probabilities are
-  kept in float32: float16 rounds them by up to 2**-11 relative, which
-  moved batch-mean losses by up to 3e-5 (random logits, V=800, k=8..128,
-  tau=1 and 2), so the loss from the store would no longer equal the loss
-  from the live teacher to 1e-5.
+  `teacher_logprobs` float32 `[rows, T, k]`, at the store's temperature
+  (the top-k loss needs the mass outside the top k at the temperature it
+  trains with, which the log-probabilities at another temperature do not
+  give). The log-probabilities are kept in float32: float16 rounds them by
+  up to 2**-11 relative, which moved batch-mean losses by up to 3e-5
+  (random logits, V=800, k=8..128, tau=1 and 2), so the loss from the
+  store would no longer equal the loss from the live teacher to 1e-5.
 - `store.json`: format, `k`, `vocabulary_size`, `sequence_length`,
-  `num_rows`, `rows_per_shard`, `batch_size`, the teacher's identity
-  (`teacher_fingerprint`), the SHA-256 of the input arrays, the SHA-256 of
+  `num_rows`, `rows_per_shard`, `batch_size`, `temperature` (absent in
+  stores written before it was recorded: those are at 1), the teacher's
+  identity (`teacher_fingerprint`), the SHA-256 of the input arrays, the SHA-256 of
   the teacher's SentencePiece model when it has one, each finished shard's
   byte size and SHA-256, and `"complete"`.
 """
@@ -39,6 +42,7 @@ import numpy as np
 
 from keras_gemma2.checkpoints.atomic import atomic_write_json
 from keras_gemma2.layers.validation import positive_int
+from keras_gemma2.training.distillation_loss import _check_temperature
 from keras_gemma2.training.resumable_fit import _file_digest, _numpy_dtype
 from keras_gemma2.training.topk_distillation import _check_k, teacher_topk
 
@@ -55,6 +59,7 @@ _RUN_KEYS = (
     "num_rows",
     "rows_per_shard",
     "batch_size",
+    "temperature",
     "teacher_fingerprint",
     "data_sha256",
 )
@@ -133,24 +138,27 @@ def write_teacher_store(
     y=None,
     sample_weight=None,
     progress=False,
+    temperature=1.0,
 ):
     """Run the teacher once over `x` and store its top-k per position, resumably.
 
     The rows are cut into shards of `rows_per_shard`; each shard's rows go
     through the teacher `batch_size` at a time (`keras.Model.predict_on_batch`,
     so a KerasHub task does not preprocess the token ids again), and
-    `teacher_topk(logits, k)` is kept: ids and log-probabilities of the full
-    softmax at temperature 1. Each shard is written to a temporary name in
-    `directory` and renamed; then `store.json`, rewritten atomically after
-    every shard with `"complete": false`, records it (size and SHA-256);
+    `teacher_topk(logits, k, temperature)` is kept: ids and
+    log-probabilities of the full softmax at `temperature`, the temperature
+    the store then trains at (`read_teacher_store`). Each shard is written
+    to a temporary name in `directory` and renamed; then `store.json`,
+    rewritten atomically after every shard with `"complete": false`,
+    records it (size and SHA-256);
     the last write sets `"complete": true`.
 
     Rerunning the same call after an interruption (an exception, a SIGKILL)
     keeps every recorded shard whose size and SHA-256 still match, rewrites
     the others and removes the temporary files left behind; the result is
     byte for byte the store of an uninterrupted run. A rerun on a store
-    made with another teacher (fingerprint), `k`, data, `batch_size` or
-    `rows_per_shard` raises `ValueError` and writes nothing.
+    made with another teacher (fingerprint), `k`, data, `batch_size`,
+    `rows_per_shard` or `temperature` raises `ValueError` and writes nothing.
 
     Args:
         teacher: `keras.Model` mapping `{"token_ids", "padding_mask"}` to
@@ -174,6 +182,9 @@ def write_teacher_store(
             to `None`.
         progress: bool. Show a progress bar over the rows. Defaults to
             `False`.
+        temperature: float > 0. The distillation temperature the store is
+            for: a `Gemma2Distiller` trains on it only at this temperature.
+            Defaults to `1.0`.
 
     Returns:
         The manifest (the dict written to `store.json`).
@@ -200,6 +211,7 @@ def write_teacher_store(
     positive_int(rows_per_shard, "rows_per_shard")
     vocabulary_size = _vocabulary_size(teacher)
     _check_k(k, vocabulary_size)
+    temperature = _check_temperature(temperature)
     arrays = _input_arrays(x, y, sample_weight)
     num_rows, sequence_length = arrays["token_ids"].shape
     directory = os.path.abspath(os.fspath(directory))
@@ -210,6 +222,7 @@ def write_teacher_store(
         "num_rows": num_rows,
         "rows_per_shard": rows_per_shard,
         "batch_size": batch_size,
+        "temperature": temperature,
         "teacher_fingerprint": teacher_fingerprint(teacher),
         "data_sha256": _arrays_sha256(arrays),
     }
@@ -244,7 +257,7 @@ def write_teacher_store(
                 stacklevel=2,
             )
         shard = {key: value[rows] for key, value in arrays.items()}
-        shard.update(_teacher_outputs(teacher, shard, k, batch_size, bar))
+        shard.update(_teacher_outputs(teacher, shard, k, temperature, batch_size, bar))
         manifest["shards"][name] = _write_shard(directory, name, shard)
         manifest["complete"] = False
         atomic_write_json(os.path.join(directory, _MANIFEST), manifest)
@@ -277,8 +290,11 @@ def read_teacher_store(directory, teacher=None, k=None):
         `"token_ids"` int32 and `"padding_mask"` bool `[num_rows,
         sequence_length]`; `y` a dict of `"labels"` int32 `[num_rows,
         sequence_length]`, `"teacher_ids"` int32 and `"teacher_logprobs"`
-        float32 `[num_rows, sequence_length, k]`; `sample_weight` float32
-        `[num_rows, sequence_length]`.
+        float32 `[num_rows, sequence_length, k]` and
+        `"teacher_temperature"` float32 `[num_rows]` (the store's
+        temperature, per row so that it batches with the rest: a
+        `Gemma2Distiller` at another temperature refuses the data);
+        `sample_weight` float32 `[num_rows, sequence_length]`.
 
     Example:
 
@@ -338,6 +354,9 @@ def read_teacher_store(directory, teacher=None, k=None):
         "labels": arrays["labels"],
         "teacher_ids": arrays["teacher_ids"][..., :k],
         "teacher_logprobs": arrays["teacher_logprobs"][..., :k],
+        "teacher_temperature": np.full(
+            len(arrays["labels"]), _recorded(manifest, "temperature"), "float32"
+        ),
     }
     return x, y, arrays["sample_weight"]
 
@@ -472,12 +491,12 @@ def _resume_manifest(directory, run):
         return None
     manifest = _read_manifest(directory)
     for key in _RUN_KEYS:
-        if manifest[key] != run[key]:
+        if _recorded(manifest, key) != run[key]:
             what = {
                 "teacher_fingerprint": "another teacher",
                 "data_sha256": "other data",
             }
-            was, now = manifest[key], run[key]
+            was, now = _recorded(manifest, key), run[key]
             if key in what:  # hex digests: their first 12 characters
                 was, now = f"{was[:12]}...", f"{now[:12]}..."
             raise ValueError(
@@ -489,6 +508,11 @@ def _resume_manifest(directory, run):
             )
     _remove_leftovers(directory)
     return manifest
+
+
+def _recorded(manifest, key):
+    """`manifest[key]`; stores from before `temperature` was recorded are at 1."""
+    return manifest.get(key, 1.0) if key == "temperature" else manifest[key]
 
 
 def _read_manifest(directory):
@@ -541,7 +565,7 @@ def _shard_problem(directory, name, recorded):
     return None
 
 
-def _teacher_outputs(teacher, shard, k, batch_size, bar):
+def _teacher_outputs(teacher, shard, k, temperature, batch_size, bar):
     """`teacher_ids` and `teacher_logprobs` `[rows, T, k]` of one shard's rows."""
     ids, logprobs = [], []
     for start in range(0, len(shard["token_ids"]), batch_size):
@@ -550,7 +574,7 @@ def _teacher_outputs(teacher, shard, k, batch_size, bar):
             for key in ("token_ids", "padding_mask")
         }
         logits = keras.Model.predict_on_batch(teacher, batch)
-        batch_ids, batch_logprobs = teacher_topk(logits, k)
+        batch_ids, batch_logprobs = teacher_topk(logits, k, temperature)
         ids.append(keras.ops.convert_to_numpy(batch_ids).astype("int32"))
         logprobs.append(keras.ops.convert_to_numpy(batch_logprobs).astype("float32"))
         if bar is not None:

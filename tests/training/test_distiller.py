@@ -196,26 +196,27 @@ def test_a_student_larger_than_its_teacher_warns(gemma_vocabulary):
 
 
 def _numpy_topk_loss(teacher, student, x, weights, k, temperature):
-    """Float64 forward KL over the teacher's top k, both renormalised at tau."""
+    """Float64 forward KL at tau over the teacher's top k plus "the rest"."""
 
-    def log_softmax(logits):
-        logits = logits - logits.max(-1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    def softmax(logits):
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
 
     teacher_logits = keras.ops.convert_to_numpy(teacher(x)).astype("float64")
     student_logits = keras.ops.convert_to_numpy(student(x)).astype("float64")
     ids = np.argsort(-teacher_logits, axis=-1, kind="stable")[..., :k]
-    teacher_kept = np.take_along_axis(log_softmax(teacher_logits), ids, -1)
-    student_kept = np.take_along_axis(student_logits, ids, -1)
-    log_p = log_softmax(teacher_kept / temperature)
-    log_q = log_softmax(student_kept / temperature)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1) * temperature**2
+    p = np.take_along_axis(softmax(teacher_logits / temperature), ids, -1)
+    q = np.take_along_axis(softmax(student_logits / temperature), ids, -1)
+    p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(p_rest > 1e-12, p_rest * np.log(p_rest / q_rest), 0.0)
+    kl = ((p * np.log(p / q)).sum(-1) + rest) * temperature**2
     return (kl * weights).sum() / weights.sum()
 
 
 @pytest.mark.parametrize("k", [5, 800])
 def test_online_top_k_equals_float64_numpy(gemma_vocabulary, k):
-    """Top k renormalised; at k = vocabulary it is the full forward KL."""
+    """Top k plus the rest; at k = vocabulary it is the full forward KL."""
     teacher, student = _models(gemma_vocabulary)
     distiller = Gemma2Distiller(teacher, student, temperature=2.0, top_k=k)
     distiller.compile(optimizer="sgd")
@@ -244,7 +245,9 @@ def test_fit_from_a_teacher_store_equals_online_top_k(gemma_vocabulary, tmp_path
     x = {name: keras.ops.convert_to_numpy(value) for name, value in x.items()}
     y, weights = keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(weights)
     store = tmp_path / "store"
-    write_teacher_store(teacher, x, store, k=16, y=y, sample_weight=weights)
+    write_teacher_store(
+        teacher, x, store, k=16, y=y, sample_weight=weights, temperature=2.0
+    )
     stored_x, stored_y, stored_weights = read_teacher_store(store, teacher=teacher)
     twin = make_text_causal_lm(gemma_vocabulary, 24)
     twin.set_weights(student.get_weights())
@@ -266,6 +269,12 @@ def test_fit_from_a_teacher_store_equals_online_top_k(gemma_vocabulary, tmp_path
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="has no teacher"):
         offline.evaluate(x, y, sample_weight=weights, verbose=0)
+    # A store is for the temperature it was written at.
+    at_one = Gemma2Distiller(None, twin, temperature=1.0)
+    at_one.compile(optimizer="sgd")
+    for call in (at_one.fit, at_one.evaluate):
+        with pytest.raises(ValueError, match=r"temperature 2, .*temperature=1\b"):
+            call(stored_x, stored_y, sample_weight=stored_weights, verbose=0)
 
 
 def test_on_policy_batches_are_the_students_greedy_continuations(gemma_vocabulary):

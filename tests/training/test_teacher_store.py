@@ -32,8 +32,10 @@ TEXTS = [
     "class A:\n    pass",
 ]
 # 6 rows in shards of 4: two shards, the second one short. Two rows per
-# teacher call: shard 0 takes calls 1-2, shard 1 call 3.
-STORE_ARGUMENTS = {"k": K, "batch_size": 2, "rows_per_shard": 4}
+# teacher call: shard 0 takes calls 1-2, shard 1 call 3. Log-probabilities
+# at temperature 2, not the default 1.
+TEMPERATURE = 2.0
+STORE_ARGUMENTS = {"k": K, "batch_size": 2, "rows_per_shard": 4, "temperature": 2.0}
 
 
 def _numpy(value):
@@ -47,13 +49,19 @@ def _log_softmax64(logits):
 
 
 def _topk_kl64(student_logits, teacher_ids, teacher_logprobs, temperature):
-    """float64 tau^2 KL between the teacher's and the student's renormalised top-k."""
-    gathered = np.take_along_axis(
-        np.asarray(student_logits, np.float64), teacher_ids, axis=-1
-    )
-    log_p = _log_softmax64(np.asarray(teacher_logprobs, np.float64) / temperature)
-    log_q = _log_softmax64(gathered / temperature)
-    return temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    """float64 tau^2 KL over the teacher's top k plus one "rest" outcome.
+
+    `teacher_logprobs` are at `temperature`; the student's probabilities are
+    its full softmax at `temperature`, gathered at the same ids.
+    """
+    q_all = np.exp(_log_softmax64(np.asarray(student_logits) / temperature))
+    q = np.take_along_axis(q_all, teacher_ids, axis=-1)
+    p = np.exp(np.asarray(teacher_logprobs, np.float64))
+    p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
+    kept = (p * np.log(p / q)).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(p_rest > 0, p_rest * np.log(p_rest / q_rest), 0.0)
+    return temperature**2 * (kept + rest)
 
 
 def _model(vocabulary_path, seed):
@@ -119,9 +127,12 @@ def test_topk_loss_matches_float64_reference_with_padding(temperature):
     student_logits = rng.normal(size=(2, 6, 40)).astype("float32") * 3
     labels = rng.integers(0, 40, size=(2, 6))
     weights = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], "float32")
-    ids, logprobs = teacher_topk(teacher_logits, k=6)
+    ids, logprobs = teacher_topk(teacher_logits, k=6, temperature=temperature)
     ids = _numpy(ids)
-    teacher_logprobs64 = np.take_along_axis(_log_softmax64(teacher_logits), ids, -1)
+    teacher_logprobs64 = np.take_along_axis(
+        _log_softmax64(teacher_logits / temperature), ids, -1
+    )
+    np.testing.assert_allclose(_numpy(logprobs), teacher_logprobs64, atol=1e-5)
     expected = _topk_kl64(student_logits, ids, teacher_logprobs64, temperature)
 
     losses = topk_token_distillation_losses(
@@ -142,11 +153,11 @@ def test_topk_loss_matches_float64_reference_with_padding(temperature):
     )
     expected_mixed = (weights * (0.7 * expected + 0.3 * cross_entropy)).sum()
     np.testing.assert_allclose(_numpy(mixed), expected_mixed / weights.sum(), rtol=1e-5)
-    # Dropping the mass outside the top k is not the full KL.
+    # Grouping the tokens outside the top k: below the full KL, not equal.
     full = _numpy(
         token_distillation_losses(student_logits, teacher_logits, temperature)
     )
-    assert np.abs(full - expected).max() > 1e-2
+    assert (expected <= full + 1e-6).all() and np.abs(full - expected).max() > 1e-2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -154,10 +165,66 @@ def test_topk_loss_at_full_vocabulary_equals_full_forward_kl(temperature):
     rng = np.random.default_rng(2)
     teacher_logits = rng.normal(size=(2, 5, 30)).astype("float32") * 4
     student_logits = rng.normal(size=(2, 5, 30)).astype("float32") * 4
-    ids, logprobs = teacher_topk(teacher_logits, k=30)
+    ids, logprobs = teacher_topk(teacher_logits, k=30, temperature=temperature)
     topk = topk_token_distillation_losses(student_logits, ids, logprobs, temperature)
     full = token_distillation_losses(student_logits, teacher_logits, temperature)
     np.testing.assert_allclose(_numpy(topk), _numpy(full), atol=1e-5)
+    # The gradients agree too: the rest outcome, of mass ~0 on both sides,
+    # adds neither NaN nor a spurious pull.
+    gradients = [
+        _numpy(_gradient(lambda s, f=f: f(s), student_logits))
+        for f in (
+            lambda s: topk_token_distillation_losses(s, ids, logprobs, temperature),
+            lambda s: token_distillation_losses(s, teacher_logits, temperature),
+        )
+    ]
+    assert np.isfinite(gradients[0]).all()
+    np.testing.assert_allclose(gradients[0], gradients[1], atol=1e-5)
+
+
+def _gradient(function, logits):
+    """d sum(function(logits)) / d logits, on the active backend."""
+    backend = keras.config.backend()
+    logits = np.asarray(logits, "float32")
+    if backend == "jax":
+        import jax
+
+        return jax.grad(lambda s: keras.ops.sum(function(s)))(logits)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(logits)
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(function(variable))
+        return tape.gradient(total, variable)
+    import torch
+
+    tensor = torch.tensor(logits, requires_grad=True)
+    function(tensor).sum().backward()
+    return tensor.grad
+
+
+def test_topk_loss_pulls_the_students_mass_outside_the_top_k():
+    """The rest outcome: a student that puts its mass outside the teacher's
+    top k is penalised, and its gradient moves mass back inside."""
+    vocabulary = 12
+    teacher = np.full((1, 1, vocabulary), -4.0, "float32")
+    teacher[..., :3] = 3.0  # the teacher puts ~99.5% on tokens 0-2
+    ids, logprobs = teacher_topk(teacher, k=3)
+    matching = teacher.copy()
+    wandering = teacher.copy()
+    wandering[..., 3:] = 3.0  # same top 3 ratios, but 75% elsewhere
+    losses = [
+        float(_numpy(topk_token_distillation_losses(s, ids, logprobs))[0, 0])
+        for s in (matching, wandering)
+    ]
+    expected = _topk_kl64(wandering, _numpy(ids), _numpy(logprobs), 1.0)[0, 0]
+    assert losses[0] < 1e-6 and losses[1] > 1.0
+    np.testing.assert_allclose(losses[1], expected, rtol=1e-5)
+    gradient = _numpy(
+        _gradient(lambda s: topk_token_distillation_losses(s, ids, logprobs), wandering)
+    )
+    assert (gradient[..., :3] < 0).all() and (gradient[..., 3:] > 0).all()
 
 
 def test_topk_loss_rejects_mismatched_shapes_and_alpha_without_labels():
@@ -190,7 +257,7 @@ def test_store_round_trip_holds_the_teachers_topk(teacher, data, store):
     for start in range(0, len(TEXTS), STORE_ARGUMENTS["batch_size"]):
         batch = {key: value[start : start + 2] for key, value in x.items()}
         batch_ids, batch_logprobs = teacher_topk(
-            keras.Model.predict_on_batch(teacher, batch), K
+            keras.Model.predict_on_batch(teacher, batch), K, TEMPERATURE
         )
         ids.append(_numpy(batch_ids))
         logprobs.append(_numpy(batch_logprobs))
@@ -205,6 +272,10 @@ def test_store_round_trip_holds_the_teachers_topk(teacher, data, store):
     np.testing.assert_array_equal(top4["teacher_ids"], stored_y["teacher_ids"][..., :4])
     manifest = json.load(open(os.path.join(store, "store.json")))
     assert manifest["complete"] and manifest["vocabulary_size"] == 800
+    assert manifest["temperature"] == TEMPERATURE
+    np.testing.assert_array_equal(
+        stored_y["teacher_temperature"], np.full(len(TEXTS), TEMPERATURE)
+    )
     assert manifest["teacher_fingerprint"] == teacher_fingerprint(teacher)
 
 
@@ -227,8 +298,10 @@ def test_training_from_the_store_equals_online_topk(
     stored_x, stored_y, stored_weight = read_teacher_store(store, teacher=teacher)
     student = _model(gemma_vocabulary, seed=2)
     student_logits = keras.Model.predict_on_batch(student, x)
-    ids, logprobs = teacher_topk(keras.Model.predict_on_batch(teacher, x), K)
-    arguments = {"temperature": 2.0, "alpha": 0.5}
+    ids, logprobs = teacher_topk(
+        keras.Model.predict_on_batch(teacher, x), K, TEMPERATURE
+    )
+    arguments = {"temperature": TEMPERATURE, "alpha": 0.5}
     online = topk_distillation_loss(
         student_logits, ids, logprobs, y, sample_weight, **arguments
     )
@@ -308,6 +381,10 @@ def test_store_refuses_to_mix_teachers_k_or_data_on_resume(
         write_teacher_store(other_teacher, x, directory, **arguments)
     with pytest.raises(ValueError, match=r"another k: it has k=16, this call k=8"):
         write_teacher_store(teacher, x, directory, **{**arguments, "k": 8})
+    with pytest.raises(
+        ValueError, match=r"it has temperature=2.0, this call temperature=1.0"
+    ):
+        write_teacher_store(teacher, x, directory, **{**arguments, "temperature": 1})
     other_x = {**x, "token_ids": x["token_ids"][::-1].copy()}
     with pytest.raises(ValueError, match=r"other data: it has data_sha256="):
         write_teacher_store(teacher, other_x, directory, **arguments)
