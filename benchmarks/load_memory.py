@@ -4,11 +4,20 @@ Usage: `python benchmarks/load_memory.py [--backend jax] [--repeats 3]`
 
 Writes a random float32 and a bfloat16 safetensors checkpoint (sharded, as
 released ones are), then loads each in a fresh process with
-`Gemma2CausalLM.from_preset` (ours) and with KerasHub's
+`Gemma2Backbone.from_preset` (ours) and with KerasHub's
 `keras_hub.models.GemmaCausalLM.from_preset` (its transformers converter),
 and prints peak RSS minus the process's idle footprint (imports done, backend
 initialised, high-water mark reset), as a ratio to the checkpoint's size.
 Target: ratio <= 1.3.
+
+`--meshes 2x4,1x8` (jax) adds rows for ours loaded under a
+`keras.distribution.ModelParallel` with `Gemma2Backbone.get_layout_map` on
+8 virtual CPU devices of that (batch, model) shape: each checkpoint tensor
+goes straight into its sharded variable. On CPU the devices' memory is the
+process's memory, so the peak counts every shard and every replica (norm
+scales, and key/value heads the model axis does not divide); the "held on
+devices" column is that total, so peak minus it is what loading itself
+costs.
 """
 
 import argparse
@@ -128,9 +137,20 @@ def status(key):
                 return int(line.split()[1]) * 1024
 
 keras.ops.convert_to_numpy(keras.ops.ones((4,)) + 1)
-loader, directory, dtype = sys.argv[1:4]
+loader, directory, dtype, mesh = sys.argv[1:5]
+distribution = None
+if mesh != "-":
+    from keras_gemma2 import Gemma2Backbone
+    shape = tuple(int(n) for n in mesh.split("x"))
+    device_mesh = keras.distribution.DeviceMesh(
+        shape, ["batch", "model"], keras.distribution.list_devices())
+    distribution = keras.distribution.ModelParallel(
+        layout_map=Gemma2Backbone.get_layout_map(device_mesh), batch_dim_name="batch")
+    keras.distribution.set_distribution(distribution)
 if loader == "ours":
-    from keras_gemma2 import Gemma2CausalLM as Model
+    # The backbone: the test tokenizer's 60 pieces do not cover the
+    # 32000-row embedding, which the causal LM rightly refuses.
+    from keras_gemma2 import Gemma2Backbone as Model
 else:
     import keras_hub
     Model = keras_hub.models.GemmaCausalLM
@@ -142,14 +162,22 @@ start = time.perf_counter()
 model = Model.from_preset(directory, dtype=dtype)
 seconds = time.perf_counter() - start
 peak = status("VmHWM")
-print(idle, peak, seconds)
+# Bytes the devices hold once loaded: every shard and every replica.
+held = sum(
+    shard.data.nbytes
+    for variable in model.weights
+    for shard in getattr(variable.value, "addressable_shards", [])
+) if keras.config.backend() == "jax" else 0
+print(idle, peak, seconds, held)
 """
 
 
-def measure(loader, directory, dtype, backend):
+def measure(loader, directory, dtype, backend, mesh="-"):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if mesh != "-":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, loader, directory, dtype],
+        [sys.executable, "-c", CHILD, loader, directory, dtype, mesh],
         capture_output=True,
         text=True,
         env=env,
@@ -157,8 +185,8 @@ def measure(loader, directory, dtype, backend):
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["?"])[-1]
         return None, last[:100]
-    idle, peak, seconds = result.stdout.split()[-3:]
-    return (int(idle), int(peak), float(seconds)), None
+    idle, peak, seconds, held = result.stdout.split()[-4:]
+    return (int(idle), int(peak), float(seconds), int(held)), None
 
 
 def main():
@@ -166,7 +194,11 @@ def main():
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loaders", default="ours,keras_hub")
+    parser.add_argument("--meshes", default="", help="e.g. 2x4,1x8 (jax only)")
     args = parser.parse_args()
+    runs_to_make = [(loader, "-") for loader in args.loaders.split(",")] + [
+        ("ours", mesh) for mesh in args.meshes.split(",") if mesh
+    ]
     import keras
 
     print(
@@ -176,32 +208,35 @@ def main():
     )
     print(
         "| dtype | loader | checkpoint GB | idle GB | peak GB | "
-        "(peak-idle)/checkpoint | load s |"
+        "(peak-idle)/checkpoint | held on devices / checkpoint | load s |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as root:
         for dtype in ("float32", "bfloat16"):
             directory = os.path.join(root, dtype)
             size = write_checkpoint(directory, dtype)
-            for loader in args.loaders.split(","):
+            for loader, mesh in runs_to_make:
                 runs, error = [], None
+                name = loader if mesh == "-" else f"{loader}, mesh {mesh}"
                 for _ in range(args.repeats):
-                    run, error = measure(loader, directory, dtype, args.backend)
+                    run, error = measure(loader, directory, dtype, args.backend, mesh)
                     if run is None:
                         break
                     runs.append(run)
                 if not runs:
                     print(
-                        f"| {dtype} | {loader} | {size / 1e9:.2f} | - | - | - | "
+                        f"| {dtype} | {name} | {size / 1e9:.2f} | - | - | - | - | "
                         f"failed: {error} |"
                     )
                     continue
-                idle, peak, seconds = (
+                idle, peak, seconds, held = (
                     float(np.median(v)) for v in zip(*runs, strict=True)
                 )
+                held = f"{held / size:.2f}" if held else "-"
                 print(
-                    f"| {dtype} | {loader} | {size / 1e9:.2f} | {idle / 1e9:.2f} | "
-                    f"{peak / 1e9:.2f} | {(peak - idle) / size:.2f} | {seconds:.1f} |"
+                    f"| {dtype} | {name} | {size / 1e9:.2f} | {idle / 1e9:.2f} | "
+                    f"{peak / 1e9:.2f} | {(peak - idle) / size:.2f} | {held} | "
+                    f"{seconds:.1f} |"
                 )
 
 

@@ -136,3 +136,55 @@ def _check_token_dict(causal_lm, inputs):
             f"`token_ids` has {token_ids.shape[1]} positions, more than the "
             f"{MAX_SEQUENCE_LENGTH}-token context."
         )
+
+
+def data_parallel_rows(inputs):
+    """Pad `generate` inputs to a multiple of the active data-parallel axis.
+
+    Under a `keras.distribution` whose batch axis has `d > 1` devices,
+    KerasHub's `generate` splits the prompts over that axis, which JAX
+    refuses unless `d` divides their number (one prompt on a `(2, 4)` mesh
+    fails). The last prompt (a string, or a row of a token-id dict) is
+    repeated up to the next multiple of `d`; generation is row-independent,
+    so the extra rows change nothing and are dropped afterwards.
+
+    Returns:
+        `(inputs, rows)`: the padded inputs and the number of rows to keep,
+        or the inputs unchanged and `None` when nothing was padded.
+    """
+    import keras
+
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return inputs, None
+    mesh = distribution.device_mesh
+    names = list(mesh.axis_names)
+    if distribution.batch_dim_name not in names:
+        return inputs, None
+    parts = mesh.shape[names.index(distribution.batch_dim_name)]
+    if isinstance(inputs, dict):
+        rows = int(np.shape(inputs["token_ids"])[0])
+        extra = -rows % parts
+        if not extra:
+            return inputs, None
+        padded = {
+            key: np.concatenate(
+                [np.asarray(value)] + [np.asarray(value)[-1:]] * extra, axis=0
+            )
+            for key, value in inputs.items()
+        }
+        return padded, rows
+    prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+    extra = -len(prompts) % parts
+    if not extra:
+        return inputs, None
+    return prompts + [prompts[-1]] * extra, len(prompts)
+
+
+def keep_rows(outputs, rows, scalar):
+    """Undo `data_parallel_rows`: the first `rows` outputs (one string if `scalar`)."""
+    if rows is None:
+        return outputs
+    if isinstance(outputs, dict):
+        return {key: value[:rows] for key, value in outputs.items()}
+    return outputs[0] if scalar else list(outputs[:rows])

@@ -19,6 +19,7 @@ from keras_gemma2.layers.validation import (
 )
 from keras_gemma2.models.architecture import layer_is_local
 from keras_gemma2.models.backbone_lora import Gemma2LoraMethods
+from keras_gemma2.models.layout_map import get_layout_map, prepare_distribution
 from keras_gemma2.models.presets import bundled_presets, classproperty
 
 
@@ -137,6 +138,17 @@ class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
             )
         if remat:
             _warn_if_jax_cpu_remat_is_ineffective()
+        prepare_distribution(
+            {
+                "vocabulary_size": vocabulary_size,
+                "num_layers": num_layers,
+                "num_query_heads": num_query_heads,
+                "num_key_value_heads": num_key_value_heads,
+                "hidden_dim": hidden_dim,
+                "intermediate_dim": intermediate_dim,
+                "head_dim": head_dim,
+            }
+        )
 
         # === Layers ===
         self.token_embedding = keras.layers.ReversibleEmbedding(
@@ -269,6 +281,70 @@ class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
             "attention_implementation": self.attention_implementation,
             "remat": self.remat,
         }
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A layout map sharding any Gemma 2 backbone over `device_mesh` (JAX).
+
+        KerasHub's signature: pass the result to
+        `keras.distribution.ModelParallel(layout_map=...)`, then build or
+        `from_preset` the model under it. The rule, per weight:
+
+        - token embedding (also the tied output head) `[vocabulary, hidden]`:
+          `(model, batch)`;
+        - query, key and value `[hidden, heads, head_dim]`:
+          `(batch, model, None)`: whole heads over the model axis;
+        - attention output `[heads, head_dim, hidden]`: `(model, None, batch)`;
+        - feed-forward gate and up `[hidden, intermediate]`:
+          `(batch, model)`; down `[intermediate, hidden]`: `(model, batch)`;
+        - RMS-norm scales: replicated.
+
+        A dimension the mesh axis does not divide is replicated along that
+        axis instead (e.g. 2 key/value heads on a model axis of 8): the map
+        learns each backbone's shapes when the backbone is built under it,
+        so one map fits every mesh shape and head count. Entries set by hand
+        (`layout_map[regex] = axes`) take precedence.
+
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: string, the mesh axis that splits
+                heads and the feed-forward width. Defaults to `"model"`.
+            data_parallel_dim_name: string, the mesh axis of the batch,
+                which also splits `hidden` (fully sharded data parallel).
+                Defaults to `"batch"`.
+
+        Returns:
+            A `keras_gemma2.models.layout_map.Gemma2LayoutMap`.
+
+        Raises:
+            NotImplementedError: on tensorflow or torch, where Keras'
+                distribution API is not implemented.
+            ValueError: when the mesh lacks a named axis.
+
+        Example:
+
+        ```python
+        import keras
+        from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+
+        devices = keras.distribution.list_devices()  # e.g. 8
+        mesh = keras.distribution.DeviceMesh(
+            (2, 4), axis_names=["batch", "model"], devices=devices)
+        layout_map = Gemma2Backbone.get_layout_map(mesh)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map,
+                                             batch_dim_name="batch"))
+        causal_lm = Gemma2CausalLM.from_preset("gemma2_tiny_python")
+        causal_lm.generate("def fibonacci(n):", max_length=32)
+        ```
+        """
+        return get_layout_map(
+            device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):

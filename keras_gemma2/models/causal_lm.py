@@ -324,18 +324,24 @@ class Gemma2CausalLM(Gemma2TrainingMethods, keras_hub.models.CausalLM):
             print(piece, end="", flush=True)
         ```
         """
-        from keras_gemma2.generation.inputs import check_generate_inputs
+        from keras_gemma2.generation.inputs import (
+            check_generate_inputs,
+            data_parallel_rows,
+            keep_rows,
+        )
 
         stop_token_ids = self._stop_token_ids(stop_token_ids)
         check_generate_inputs(self, inputs, max_length)
         if stream:
             return self._stream(inputs, max_length, stop_token_ids)
-        return super().generate(
-            inputs,
+        padded, rows = data_parallel_rows(inputs)
+        outputs = super().generate(
+            padded,
             max_length=max_length,
             stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
         )
+        return keep_rows(outputs, rows, scalar=isinstance(inputs, str))
 
     def _stop_token_ids(self, stop_token_ids):
         if not (isinstance(stop_token_ids, str) and stop_token_ids == "auto"):
