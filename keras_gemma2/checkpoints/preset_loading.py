@@ -21,7 +21,7 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
     read_hf_config,
 )
 from keras_gemma2.models.json_file import read_json
-from keras_gemma2.models.presets import PRESET_CONFIGS, bundled_presets
+from keras_gemma2.models.presets import KERAS_HUB_PRESETS, bundled_presets
 
 KERAS_GEMMA2 = "keras_gemma2"
 KERAS_HUB_GEMMA = "keras_hub_gemma"
@@ -44,20 +44,16 @@ def resolve_preset(preset):
     bundled = bundled_presets()
     if preset in bundled:
         return bundled[preset]["path"]
-    if preset in PRESET_CONFIGS:
-        raise ValueError(
-            f"The weights of {preset!r} are not bundled with keras_gemma2. Pass the "
-            "local directory of a Hugging Face checkpoint (e.g. google/gemma-2-2b) "
-            "or a KerasHub/Kaggle preset, or a handle such as "
-            "'hf://google/gemma-2-2b' or 'kaggle://keras/gemma2/keras/gemma2_2b_en/1' "
-            "on a machine with network access."
-        )
+    if preset in KERAS_HUB_PRESETS:
+        # KerasHub's name (e.g. "gemma2_2b_en"): its Kaggle handle.
+        return handles.resolve_keras_hub_preset(preset)
     if os.sep in preset or preset.startswith("."):
         raise FileNotFoundError(f"The preset directory {preset} does not exist.")
     raise ValueError(
         "Received an unknown preset. Expected a local preset directory, a handle "
         "('hf://owner/name', 'kaggle://owner/model/keras/variation/version') or a "
-        f"bundled preset name {sorted(bundled)}. Received: preset={preset!r}"
+        f"bundled preset name {sorted(bundled)}, or a KerasHub Gemma 2 preset name "
+        f"{sorted(KERAS_HUB_PRESETS)}. Received: preset={preset!r}"
     )
 
 
@@ -125,13 +121,22 @@ def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **over
 
 
 def load_causal_lm(causal_lm_cls, preset, load_weights=True, progress=None, **kwargs):
-    """Build `causal_lm_cls` (backbone and, when the preset has one, tokenizer)."""
+    """Build `causal_lm_cls` (backbone and, when the preset has one, tokenizer).
+
+    As in KerasHub, `preprocessor=` (when given, `None` included) replaces
+    the preset's preprocessor; the other `kwargs` override backbone
+    arguments (e.g. `dtype`).
+    """
+    _check_preprocessor(causal_lm_cls, kwargs.get("preprocessor"))
     directory = resolve_preset(preset)
     kind = preset_format(directory)
     if kind == KERAS_GEMMA2:
+        # KerasHub's task loader honours `preprocessor=` itself.
         return keras_hub.models.CausalLM.from_preset.__func__(
             causal_lm_cls, directory, load_weights=load_weights, **kwargs
         )
+    given = "preprocessor" in kwargs
+    preprocessor = kwargs.pop("preprocessor", None)
     backbone = load_backbone(
         causal_lm_cls.backbone_cls,
         directory,
@@ -139,10 +144,24 @@ def load_causal_lm(causal_lm_cls, preset, load_weights=True, progress=None, **kw
         progress=progress,
         **kwargs,
     )
-    preprocessor = None
-    if causal_lm_cls.preprocessor_cls is not None and _has_tokenizer(directory):
+    wanted = not given and causal_lm_cls.preprocessor_cls is not None
+    if wanted and _has_tokenizer(directory):
         preprocessor = causal_lm_cls.preprocessor_cls.from_preset(directory)
     return causal_lm_cls(backbone=backbone, preprocessor=preprocessor)
+
+
+def _check_preprocessor(causal_lm_cls, preprocessor):
+    """Refuse a `preprocessor=` that is neither `None` nor a preprocessor."""
+    if preprocessor is None or isinstance(
+        preprocessor, keras_hub.models.CausalLMPreprocessor
+    ):
+        return
+    raise TypeError(
+        f"Received an invalid value for `preprocessor`, expected `None` or a "
+        f"`keras_hub.models.CausalLMPreprocessor` (e.g. "
+        f"{getattr(causal_lm_cls.preprocessor_cls, '__name__', 'one')}). "
+        f"Received: preprocessor={preprocessor!r}"
+    )
 
 
 def _has_tokenizer(directory):

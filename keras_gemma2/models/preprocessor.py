@@ -18,6 +18,7 @@ PREPROCESSOR_CONFIG_FILE = "preprocessor.json"
 COMPATIBLE_CLASSES = (
     "keras_gemma2>Gemma2CausalLMPreprocessor",
     "keras_hub>GemmaCausalLMPreprocessor",
+    "keras_nlp>GemmaCausalLMPreprocessor",  # saved before KerasNLP's rename
 )
 # Arguments of a KerasHub `GemmaCausalLMPreprocessor` config that carry over.
 _KERAS_HUB_ARGUMENTS = ("sequence_length", "add_start_token", "add_end_token")

@@ -56,6 +56,65 @@ PRESET_CONFIGS = {
 }
 
 
+# KerasHub's names of Gemma 2 presets -> (Kaggle handle, Hugging Face
+# repository of the same weights or None). Handles as in keras_hub 0.32's
+# registry (`keras_hub.models.GemmaCausalLM.presets`); a test compares them.
+KERAS_HUB_PRESETS = {
+    "gemma2_2b_en": ("kaggle://keras/gemma2/keras/gemma2_2b_en/2", "google/gemma-2-2b"),
+    "gemma2_instruct_2b_en": (
+        "kaggle://keras/gemma2/keras/gemma2_instruct_2b_en/2",
+        "google/gemma-2-2b-it",
+    ),
+    "gemma2_9b_en": ("kaggle://keras/gemma2/keras/gemma2_9b_en/4", "google/gemma-2-9b"),
+    "gemma2_instruct_9b_en": (
+        "kaggle://keras/gemma2/keras/gemma2_instruct_9b_en/4",
+        "google/gemma-2-9b-it",
+    ),
+    "gemma2_27b_en": (
+        "kaggle://keras/gemma2/keras/gemma2_27b_en/3",
+        "google/gemma-2-27b",
+    ),
+    "gemma2_instruct_27b_en": (
+        "kaggle://keras/gemma2/keras/gemma2_instruct_27b_en/3",
+        "google/gemma-2-27b-it",
+    ),
+    "shieldgemma_2b_en": (
+        "kaggle://google/shieldgemma/keras/shieldgemma_2b_en/2",
+        "google/shieldgemma-2b",
+    ),
+    "shieldgemma_9b_en": (
+        "kaggle://google/shieldgemma/keras/shieldgemma_9b_en/2",
+        "google/shieldgemma-9b",
+    ),
+    "shieldgemma_27b_en": (
+        "kaggle://google/shieldgemma/keras/shieldgemma_27b_en/2",
+        "google/shieldgemma-27b",
+    ),
+    "c2s_scale_gemma_2_2b_en": (
+        "kaggle://keras/cell2sentence/keras/c2s_scale_gemma_2_2b_en/1",
+        None,
+    ),
+    "c2s_scale_gemma_2_27b_en": (
+        "kaggle://keras/cell2sentence/keras/c2s_scale_gemma_2_27b_en/1",
+        None,
+    ),
+}
+
+
+def keras_hub_preset_handle(name):
+    """The Kaggle handle of KerasHub's Gemma 2 preset `name`, or `None`.
+
+    Example:
+
+    >>> keras_hub_preset_handle("gemma2_instruct_9b_en")
+    'kaggle://keras/gemma2/keras/gemma2_instruct_9b_en/4'
+    >>> keras_hub_preset_handle("gemma_2b_en") is None  # Gemma 1
+    True
+    """
+    entry = KERAS_HUB_PRESETS.get(name)
+    return None if entry is None else entry[0]
+
+
 def get_preset_config(name):
     """Return a copy of the `Gemma2Backbone` arguments of preset `name`.
 

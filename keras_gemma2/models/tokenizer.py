@@ -29,7 +29,13 @@ TOKENIZER_CONFIG_FILE = "tokenizer.json"
 VOCABULARY_FILE = "vocabulary.spm"  # under assets/<config stem>/ in a Keras preset
 HF_VOCABULARY_FILE = "tokenizer.model"
 # Saved tokenizer classes whose vocabulary asset is a Gemma SentencePiece proto.
-COMPATIBLE_CLASSES = ("keras_gemma2>Gemma2Tokenizer", "keras_hub>GemmaTokenizer")
+# `keras_nlp>` is the same KerasHub class saved before the library's rename
+# (older Kaggle presets).
+COMPATIBLE_CLASSES = (
+    "keras_gemma2>Gemma2Tokenizer",
+    "keras_hub>GemmaTokenizer",
+    "keras_nlp>GemmaTokenizer",
+)
 # Constructor arguments of a KerasHub `GemmaTokenizer` config that carry over.
 _KERAS_HUB_ARGUMENTS = (
     "name",
@@ -174,7 +180,8 @@ class Gemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
            layout): `tokenizer.json` naming a `keras_gemma2>Gemma2Tokenizer`
            and `assets/tokenizer/vocabulary.spm`;
         2. a KerasHub/Kaggle Gemma preset: the same layout with a
-           `keras_hub>GemmaTokenizer`; its vocabulary (and `sequence_length`,
+           `keras_hub>GemmaTokenizer` (or `keras_nlp>GemmaTokenizer`, saved
+           before KerasNLP became KerasHub); its vocabulary (and `sequence_length`,
            `add_bos`, `add_eos`) load into this class;
         3. a Hugging Face checkpoint directory with `tokenizer.model`
            (a `tokenizer.json` there is Hugging Face's own format and is

@@ -46,6 +46,7 @@ def test_unreachable_host_fails_fast(monkeypatch):
     assert hosts == [("huggingface.co", 443)]
 
 
-def test_bundled_name_without_weights_points_to_handles():
-    with pytest.raises(ValueError, match="hf://google/gemma-2-2b"):
+def test_keras_hub_name_offline_points_to_handles(monkeypatch):
+    monkeypatch.setenv(handles.OFFLINE_VARIABLE, "1")
+    with pytest.raises(ConnectionError, match="gemma2_9b_en/4.*hf://google/gemma-2-9b"):
         Gemma2CausalLM.from_preset("gemma2_9b_en")
