@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 
+from keras_gemma2.checkpoints.finite_check import check_finite
 from keras_gemma2.checkpoints.safetensors_files import read_header, read_tensor
 from keras_gemma2.checkpoints.shard_index import index_shards
 from keras_gemma2.checkpoints.unallocated import (
@@ -159,7 +160,7 @@ def build_for_loading(backbone_cls, config):
     return build_unallocated(lambda: backbone_cls(**config))
 
 
-def load_hf_weights(backbone, directory, progress=None):
+def load_hf_weights(backbone, directory, progress=None, check_finite_values=True):
     """Check every tensor of the checkpoint against `backbone`, then assign them.
 
     All names, shapes and files are checked before the first assignment, so a
@@ -171,6 +172,10 @@ def load_hf_weights(backbone, directory, progress=None):
         directory: the checkpoint directory.
         progress: optional callable `progress(done, total, name)` called after
             each tensor.
+        check_finite_values: bool. Refuse a tensor holding NaN or Inf with a
+            `ValueError` naming it and its file, as it is read (before it is
+            assigned). `backbone`, built for this load, is then unusable and
+            must be discarded. Defaults to `True`.
     """
     entries = index_checkpoint(directory)
     plan = weight_plan(backbone)
@@ -204,6 +209,8 @@ def load_hf_weights(backbone, directory, progress=None):
     try:
         for done, (name, weight, variable, shape) in enumerate(plan, start=1):
             array = read_tensor(entries[name])[: shape[0]]  # drops padded rows
+            if check_finite_values:
+                check_finite(array, name, entries[name].path)
             array = weight_table.convert(array, weight.hf_axes, weight.axes, sizes)
             fill(variable, as_assignable(array, variable.dtype))
             del array

@@ -17,6 +17,7 @@ import os
 import keras_hub
 
 from keras_gemma2.checkpoints import keras_h5_weights
+from keras_gemma2.checkpoints.finite_check import check_finite
 from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
 from keras_gemma2.checkpoints.unallocated import fill, forget_pending
 from keras_gemma2.models import weight_table
@@ -272,7 +273,9 @@ def _layout_probe(config):
     )
 
 
-def load_keras_hub_weights(backbone, directory, progress=None):
+def load_keras_hub_weights(
+    backbone, directory, progress=None, check_finite_values=True
+):
     """Check every tensor of a KerasHub Gemma 2 preset, then assign them.
 
     Names, shapes and files are all checked before the first assignment, so
@@ -284,15 +287,19 @@ def load_keras_hub_weights(backbone, directory, progress=None):
         directory: string. The preset directory.
         progress: optional callable `progress(done, total, name)` called after
             each tensor.
+        check_finite_values: bool. Refuse a tensor holding NaN or Inf with a
+            `ValueError` naming its dataset and file, as it is read (before
+            it is assigned); `backbone` is then partly filled and must be
+            discarded. Defaults to `True`.
     """
     try:
-        _load_keras_hub_weights(backbone, directory, progress)
+        _load_keras_hub_weights(backbone, directory, progress, check_finite_values)
     finally:
         # A backbone from `build_for_loading`: loaded or discarded now.
         forget_pending(backbone.weights)
 
 
-def _load_keras_hub_weights(backbone, directory, progress):
+def _load_keras_hub_weights(backbone, directory, progress, check_finite_values):
     """`load_keras_hub_weights` without the pending-variable cleanup."""
     directory = _check_directory(directory)
     config = read_keras_hub_config(directory)
@@ -332,7 +339,10 @@ def _load_keras_hub_weights(backbone, directory, progress):
                 f"from {CONFIG_FILE}."
             )
     for done, (path, weight, variable, _) in enumerate(plan, start=1):
-        array = tensors[layout[path]].read()
+        tensor = tensors[layout[path]]
+        array = tensor.read()
+        if check_finite_values:
+            check_finite(array, f"{tensor.dataset}` (`{path}", tensor.path)
         array = weight_table.convert(array, weight.keras_hub_axes, weight.axes, sizes)
         fill(variable, as_assignable(array, variable.dtype))
         del array
@@ -341,7 +351,12 @@ def _load_keras_hub_weights(backbone, directory, progress):
 
 
 def load_keras_hub_backbone(
-    backbone_cls, directory, load_weights=True, progress=None, **overrides
+    backbone_cls,
+    directory,
+    load_weights=True,
+    progress=None,
+    check_finite_values=True,
+    **overrides,
 ):
     """Build `backbone_cls` from a local KerasHub/Kaggle Gemma 2 preset.
 
@@ -359,6 +374,9 @@ def load_keras_hub_backbone(
             initialised. Defaults to `True`.
         progress: optional callable `progress(done, total, name)` called after
             each tensor.
+        check_finite_values: bool. Raise a `ValueError` naming the dataset
+            and file of a tensor holding NaN or Inf (no backbone is
+            returned). Defaults to `True`.
         **overrides: constructor arguments replacing the preset's, e.g.
             `dtype="bfloat16"`.
 
@@ -377,5 +395,10 @@ def load_keras_hub_backbone(
         return backbone_cls(**config)
     # On JAX, no random initial weights are allocated: the load fills them.
     backbone = build_for_loading(backbone_cls, config)
-    load_keras_hub_weights(backbone, directory, progress=progress)
+    load_keras_hub_weights(
+        backbone,
+        directory,
+        progress=progress,
+        check_finite_values=check_finite_values,
+    )
     return backbone

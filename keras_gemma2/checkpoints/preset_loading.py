@@ -15,6 +15,10 @@ import os
 import keras_hub
 
 from keras_gemma2.checkpoints import handles
+from keras_gemma2.checkpoints.finite_check import (
+    check_variables_finite,
+    finite_check_enabled,
+)
 from keras_gemma2.checkpoints.hf_checkpoint import (
     build_for_loading,
     load_hf_weights,
@@ -83,7 +87,14 @@ def preset_format(directory):
     )
 
 
-def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **overrides):
+def load_backbone(
+    backbone_cls,
+    preset,
+    load_weights=True,
+    progress=None,
+    check_finite=None,
+    **overrides,
+):
     """Build `backbone_cls` from `preset` and load its weights.
 
     Args:
@@ -93,9 +104,15 @@ def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **over
         load_weights: bool. Load the preset's weights.
         progress: optional callable `progress(done, total, name)`, called per
             tensor when loading a Hugging Face checkpoint.
+        check_finite: bool or `None`. Raise a `ValueError` naming the file and
+            tensor when a weight holds NaN or Inf (no backbone is returned).
+            `False` loads such weights anyway, for debugging a broken
+            checkpoint; `None` follows the environment variable
+            `KERAS_GEMMA2_CHECK_FINITE` (on unless it is `0`).
         **overrides: constructor arguments replacing the preset's (typically
             `dtype`).
     """
+    check = finite_check_enabled(check_finite)
     directory = resolve_preset(preset)
     kind = preset_format(directory)
     if kind == TRANSFORMERS:
@@ -103,7 +120,9 @@ def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **over
         if not load_weights:
             return backbone_cls(**config)
         backbone = build_for_loading(backbone_cls, config)
-        load_hf_weights(backbone, directory, progress=progress)
+        load_hf_weights(
+            backbone, directory, progress=progress, check_finite_values=check
+        )
         return backbone
     if kind == KERAS_HUB_GEMMA:
         from keras_gemma2.checkpoints.keras_hub_preset import load_keras_hub_backbone
@@ -113,28 +132,42 @@ def load_backbone(backbone_cls, preset, load_weights=True, progress=None, **over
             directory,
             load_weights=load_weights,
             progress=progress,
+            check_finite_values=check,
             **overrides,
         )
-    return keras_hub.models.Backbone.from_preset.__func__(
+    backbone = keras_hub.models.Backbone.from_preset.__func__(
         backbone_cls, directory, load_weights=load_weights, **overrides
     )
+    if load_weights and check:
+        check_variables_finite(backbone, _weights_file(directory))
+    return backbone
 
 
-def load_causal_lm(causal_lm_cls, preset, load_weights=True, progress=None, **kwargs):
+def load_causal_lm(
+    causal_lm_cls,
+    preset,
+    load_weights=True,
+    progress=None,
+    check_finite=None,
+    **kwargs,
+):
     """Build `causal_lm_cls` (backbone and, when the preset has one, tokenizer).
 
     As in KerasHub, `preprocessor=` (when given, `None` included) replaces
     the preset's preprocessor; the other `kwargs` override backbone
-    arguments (e.g. `dtype`).
+    arguments (e.g. `dtype`). `check_finite` is `load_backbone`'s.
     """
     _check_preprocessor(causal_lm_cls, kwargs.get("preprocessor"))
     directory = resolve_preset(preset)
     kind = preset_format(directory)
     if kind == KERAS_GEMMA2:
         # KerasHub's task loader honours `preprocessor=` itself.
-        return keras_hub.models.CausalLM.from_preset.__func__(
+        causal_lm = keras_hub.models.CausalLM.from_preset.__func__(
             causal_lm_cls, directory, load_weights=load_weights, **kwargs
         )
+        if load_weights and finite_check_enabled(check_finite):
+            check_variables_finite(causal_lm, _weights_file(directory))
+        return causal_lm
     given = "preprocessor" in kwargs
     preprocessor = kwargs.pop("preprocessor", None)
     backbone = load_backbone(
@@ -142,6 +175,7 @@ def load_causal_lm(causal_lm_cls, preset, load_weights=True, progress=None, **kw
         directory,
         load_weights=load_weights,
         progress=progress,
+        check_finite=check_finite,
         **kwargs,
     )
     wanted = not given and causal_lm_cls.preprocessor_cls is not None
@@ -162,6 +196,14 @@ def _check_preprocessor(causal_lm_cls, preprocessor):
         f"{getattr(causal_lm_cls.preprocessor_cls, '__name__', 'one')}). "
         f"Received: preprocessor={preprocessor!r}"
     )
+
+
+def _weights_file(directory):
+    """The weights file (or shard index) of one of our presets, for messages."""
+    for name in ("model.weights.json", "model.weights.h5"):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return directory
 
 
 def _has_tokenizer(directory):
