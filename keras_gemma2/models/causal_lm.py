@@ -9,18 +9,31 @@ from keras import ops
 from keras_gemma2.layers.last_axis_product import last_axis_product
 from keras_gemma2.layers.soft_capping import SoftCap
 from keras_gemma2.models.backbone import Gemma2Backbone
+from keras_gemma2.models.causal_lm_inputs import Gemma2InputChecks
 from keras_gemma2.models.causal_lm_training import Gemma2TrainingMethods
 from keras_gemma2.models.preprocessor import Gemma2CausalLMPreprocessor
 from keras_gemma2.models.presets import bundled_presets, classproperty
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2CausalLM(Gemma2TrainingMethods, keras_hub.models.CausalLM):
+class Gemma2CausalLM(
+    Gemma2InputChecks, Gemma2TrainingMethods, keras_hub.models.CausalLM
+):
     """Gemma 2 language model: next-token logits for every position.
 
     Logits are the final hidden states times the transposed token embedding,
     then soft-capped with `backbone.final_logit_soft_cap`:
     `cap * tanh(logits / cap)`.
+
+    Inputs are checked before anything runs, the same way on every backend:
+    `token_ids` must be an integer `[batch, T]` tensor, `padding_mask` of the
+    same shape, and every id in `[0, vocabulary_size)`; a `ValueError` names
+    the first bad id, its `[row, column]` and the vocabulary size. Ids are
+    checked on the host wherever they have values: direct calls with numpy
+    or eager tensors, `fit`/`evaluate`/`predict` data, `score`, `generate`.
+    Symbolic or traced ids (inside `jax.jit`, `tf.function`,
+    `torch.compile`) get only the shape and dtype checks; see
+    `keras_gemma2.models.causal_lm_inputs`.
 
     Args:
         backbone: `Gemma2Backbone`.
