@@ -1,9 +1,16 @@
 """Checks of `generate` arguments and sampler construction, before any compute."""
 
+import sys
+
 import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_gemma2.layers.validation import (
+    check_token_shapes,
+    check_token_values,
+    host_values,
+)
 from keras_gemma2.models.architecture import MAX_SEQUENCE_LENGTH
 
 SAMPLERS = {
@@ -20,8 +27,30 @@ SAMPLERS = {
 }
 
 
+# KerasHub samplers whose search needs more than next-token probabilities
+# (beams, hidden states, a draft model): `generate` cannot run them.
+UNSUPPORTED_SAMPLERS = ("beam", "contrastive", "speculative")
+
+
 def make_sampler(sampler, temperature=1.0, seed=None):
-    """A `keras_hub.samplers.Sampler` from a name or an instance, validated."""
+    """A `keras_hub.samplers.Sampler` from a name or an instance, validated.
+
+    Samplers that pick each token from the next-token probabilities are
+    supported: KerasHub's greedy, top-k, top-p and random samplers, and any
+    subclass that overrides only `get_next_token`. Samplers that override
+    the whole search (`__call__`: KerasHub's `BeamSampler`,
+    `ContrastiveSampler`, `SpeculativeSampler`) are refused here, at
+    `compile`, rather than failing later in `generate`.
+
+    Example:
+
+    >>> make_sampler("greedy").__class__.__name__
+    'GreedySampler'
+    >>> make_sampler(keras_hub.samplers.BeamSampler(num_beams=2))
+    Traceback (most recent call last):
+    ...
+    ValueError: Received an unsupported sampler: keras_gemma2's `generate` picks each token from the next-token probabilities (greedy, top-k, top-p, random, or a `keras_hub.samplers.Sampler` overriding only `get_next_token`), and does not implement the search of BeamSampler. Received: sampler=BeamSampler
+    """  # noqa: E501
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
@@ -32,18 +61,101 @@ def make_sampler(sampler, temperature=1.0, seed=None):
             f"number. Received: temperature={temperature!r}"
         )
     if isinstance(sampler, keras_hub.samplers.Sampler):
+        if type(sampler).__call__ is not keras_hub.samplers.Sampler.__call__:
+            _refuse_sampler(type(sampler).__name__)
         if getattr(sampler, "temperature", 1.0) <= 0:
             raise ValueError(
                 "The sampler's `temperature` must be positive. Received: "
                 f"temperature={sampler.temperature!r}"
             )
         return sampler
+    if isinstance(sampler, str) and sampler.lower() in UNSUPPORTED_SAMPLERS:
+        _refuse_sampler(repr(sampler))
     if sampler not in SAMPLERS:
         raise ValueError(
             f"Received an unknown sampler. Expected one of {sorted(SAMPLERS)} or a "
             f"keras_hub.samplers.Sampler instance. Received: sampler={sampler!r}"
         )
     return SAMPLERS[sampler](float(temperature), seed)
+
+
+def _refuse_sampler(name):
+    raise ValueError(
+        "Received an unsupported sampler: keras_gemma2's `generate` picks each "
+        "token from the next-token probabilities (greedy, top-k, top-p, random, "
+        "or a `keras_hub.samplers.Sampler` overriding only `get_next_token`), "
+        f"and does not implement the search of {name}. Received: sampler={name}"
+    )
+
+
+class DatasetBatches(list):
+    """The batches of a `tf.data.Dataset` given to `generate`, each normalized."""
+
+
+def normalize_generate_inputs(inputs):
+    """The prompt forms KerasHub's `generate` takes, as ours handles them.
+
+    - a `tf.data.Dataset` (of strings, or of token-id dicts) becomes a
+      `DatasetBatches` list of its batches, each normalized;
+    - `bytes`, numpy string arrays and TensorFlow string tensors (rank 0 or 1)
+      become a `str` or a list of `str`;
+    - a dict's values become numpy arrays;
+    - anything else is returned as is (and checked by `check_generate_inputs`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> normalize_generate_inputs(np.array(["def f():", b"import os"], object))
+    ['def f():', 'import os']
+    >>> normalize_generate_inputs(np.array("x = 1"))
+    'x = 1'
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(inputs, tf.data.Dataset):
+        batches = DatasetBatches(
+            normalize_generate_inputs(batch) for batch in inputs.as_numpy_iterator()
+        )
+        if not batches:
+            raise ValueError(
+                "Received an invalid value for `inputs`, expected a dataset with "
+                "at least one batch. Received: an empty tf.data.Dataset"
+            )
+        return batches
+    if isinstance(inputs, dict):
+        return {key: _host_array(value) for key, value in inputs.items()}
+    if tf is not None and tf.is_tensor(inputs) and inputs.dtype == tf.string:
+        inputs = inputs.numpy()
+    if isinstance(inputs, bytes):
+        return inputs.decode("utf-8")
+    if isinstance(inputs, (np.ndarray, np.generic)) and inputs.dtype.kind in "USO":
+        if inputs.ndim > 1:
+            raise ValueError(
+                "Received an invalid value for `inputs`, expected a string or a "
+                "rank-1 array of strings. Received: an array of shape "
+                f"{inputs.shape}"
+            )
+        if inputs.ndim == 0:
+            return normalize_generate_inputs(inputs.item())
+        return [normalize_generate_inputs(item) for item in inputs.tolist()]
+    return inputs
+
+
+def _host_array(value):
+    values = host_values(value)
+    return value if values is None else values
+
+
+def join_batches(outputs):
+    """One output from per-batch `generate` outputs, as KerasHub concatenates."""
+    if isinstance(outputs[0], dict):
+        return {
+            key: np.concatenate([np.asarray(output[key]) for output in outputs])
+            for key in outputs[0]
+        }
+    joined = []
+    for output in outputs:
+        joined.extend([output] if isinstance(output, str) else output)
+    return joined
 
 
 def check_generate_inputs(causal_lm, inputs, max_length):
@@ -103,23 +215,8 @@ def _check_token_dict(causal_lm, inputs):
         )
     token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
     padding_mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"]))
-    if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
-        raise ValueError(
-            "`token_ids` and `padding_mask` must both be [batch, max_length]. "
-            f"Received shapes {token_ids.shape} and {padding_mask.shape}."
-        )
-    if not np.issubdtype(token_ids.dtype, np.integer):
-        raise ValueError(
-            f"`token_ids` must be integers. Received dtype {token_ids.dtype}."
-        )
-    vocabulary = causal_lm.backbone.vocabulary_size
-    bad = (token_ids < 0) | (token_ids >= vocabulary)
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        raise ValueError(
-            f"`token_ids` holds {token_ids[row, column]} at [{row}, {column}], outside "
-            f"the vocabulary [0, {vocabulary})."
-        )
+    check_token_shapes(token_ids, padding_mask)
+    check_token_values(token_ids, causal_lm.backbone.vocabulary_size)
     lengths = padding_mask.astype(bool).sum(axis=1)
     if (lengths == 0).any():
         raise ValueError(

@@ -6,8 +6,15 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_gemma2.layers.gemma2_math import embedding_scale
 from keras_gemma2.layers.last_axis_product import last_axis_product
 from keras_gemma2.layers.soft_capping import SoftCap
+from keras_gemma2.layers.validation import (
+    check_token_inputs,
+    check_token_shapes,
+    check_token_values,
+    host_values,
+)
 from keras_gemma2.models.backbone import Gemma2Backbone
 from keras_gemma2.models.causal_lm_inputs import Gemma2InputChecks
 from keras_gemma2.models.causal_lm_training import Gemma2TrainingMethods
@@ -225,6 +232,100 @@ class Gemma2CausalLM(
             logits = embedding(hidden_states, reverse=True)
         return self.logit_soft_cap(logits), hidden_states, cache
 
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+    ):
+        """Score token sequences: per-token logits or per-token losses.
+
+        KerasHub's `CausalLM.score` (as `keras_hub.models.GemmaCausalLM`
+        defines it), for evaluation and interpretability code written
+        against KerasHub. Logits are soft-capped, as in `causal_lm(x)`.
+
+        Args:
+            token_ids: int tensor `[batch, T]`, typically prompt plus
+                completion from `generate` after `generate_preprocess`.
+            padding_mask: optional `[batch, T]` mask (1 = real token).
+                Defaults to all ones.
+            scoring_mode: `"logits"` (returns `[batch, T, vocabulary_size]`)
+                or `"loss"` (returns the per-token sparse cross-entropy
+                `[batch, T]` of `target_ids` under those logits). Defaults to
+                `"logits"`.
+            layer_intercept_fn: optional `fn(activations, index)` returning
+                activations of the same shape, called with index `-1` on the
+                token embeddings (before the `sqrt(hidden_dim)` scale) and
+                then with `0, 1, ...` on each decoder block's output. Its
+                return value replaces the activations at every index (KerasHub
+                0.32 discards the value returned at `-1`).
+            target_ids: int tensor `[batch, T]`, the token each position
+                should predict (e.g. `token_ids` shifted left by one); needed
+                by `scoring_mode="loss"`.
+
+        Returns:
+            Logits `[batch, T, vocabulary_size]` or losses `[batch, T]`.
+
+        Example:
+
+        >>> import numpy as np
+        >>> backbone = Gemma2Backbone(
+        ...     vocabulary_size=64, num_layers=2, num_query_heads=4,
+        ...     num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+        ...     head_dim=8, sliding_window_size=4)
+        >>> causal_lm = Gemma2CausalLM(backbone)
+        >>> token_ids = np.array([[2, 5, 9, 7]], "int32")
+        >>> losses = causal_lm.score(
+        ...     token_ids, scoring_mode="loss",
+        ...     target_ids=np.roll(token_ids, -1, axis=1))
+        >>> tuple(losses.shape)
+        (1, 4)
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                "Received an invalid value for `scoring_mode`, expected "
+                f"'logits' or 'loss'. Received: scoring_mode={scoring_mode!r}"
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError(
+                '`scoring_mode="loss"` needs `target_ids`, the token each '
+                "position should predict. Received: target_ids=None"
+            )
+        if layer_intercept_fn is not None and not callable(layer_intercept_fn):
+            raise ValueError(
+                "Received an invalid value for `layer_intercept_fn`, expected a "
+                "callable `fn(activations, index)`. Received: "
+                f"layer_intercept_fn={layer_intercept_fn!r}"
+            )
+        vocabulary_size = self.backbone.vocabulary_size
+        check_token_inputs(token_ids, padding_mask, vocabulary_size)
+        if target_ids is not None:
+            check_token_shapes(token_ids, target_ids, mask_name="target_ids")
+            targets = host_values(target_ids)
+            if targets is not None:
+                check_token_values(targets, vocabulary_size, name="target_ids")
+        if padding_mask is None:
+            padding_mask = ops.ones(ops.shape(token_ids), "int32")
+        if layer_intercept_fn is None:
+
+            def layer_intercept_fn(activations, index):
+                del index
+                return activations
+
+        backbone = self.backbone
+        x = layer_intercept_fn(backbone.token_embedding(token_ids), -1)
+        x = x * embedding_scale(backbone.hidden_dim, x.dtype)
+        for index, block in enumerate(backbone.transformer_layers):
+            x = layer_intercept_fn(block(x, padding_mask=padding_mask), index)
+        logits = self.logits_from_hidden_states(backbone.final_norm(x))
+        if scoring_mode == "logits":
+            return logits
+        return keras.losses.sparse_categorical_crossentropy(
+            target_ids, logits, from_logits=True
+        )
+
     def generate_step(self, inputs, stop_token_ids=None, prefill_length=None):
         """Complete one batch of right-padded prompts as one portable program.
 
@@ -314,10 +415,16 @@ class Gemma2CausalLM(
     ):
         """Complete prompts: strings (with a preprocessor) or token-id dicts.
 
+        Takes what KerasHub's `CausalLM.generate` takes. With a
+        `tf.data.Dataset`, every batch is checked first, then each is
+        generated in turn and the outputs are concatenated.
+
         Args:
-            inputs: a string, a list of strings (needs a preprocessor), or a
-                dict of right-padded `"token_ids"` and `"padding_mask"`
-                `[batch, max_length]` (then `max_length` is their width).
+            inputs: a string, a list, numpy array or TensorFlow tensor of
+                strings (needs a preprocessor), a dict of right-padded
+                `"token_ids"` and `"padding_mask"` `[batch, max_length]`
+                (then `max_length` is their width), or a `tf.data.Dataset`
+                of batches of any of these.
             max_length: int, total length of prompt plus completion, at most
                 the 8192-token context. Defaults to the preprocessor's
                 `sequence_length`.
@@ -338,15 +445,40 @@ class Gemma2CausalLM(
         ```
         """
         from keras_gemma2.generation.inputs import (
+            DatasetBatches,
             check_generate_inputs,
-            data_parallel_rows,
-            keep_rows,
+            join_batches,
+            normalize_generate_inputs,
         )
 
         stop_token_ids = self._stop_token_ids(stop_token_ids)
+        inputs = normalize_generate_inputs(inputs)
+        if isinstance(inputs, DatasetBatches):
+            if stream:
+                raise ValueError(
+                    "`stream=True` takes one string prompt. Received: inputs of "
+                    "type tf.data.Dataset"
+                )
+            # Every batch is checked before the first one is generated.
+            for batch in inputs:
+                check_generate_inputs(self, batch, max_length)
+            return join_batches(
+                [
+                    self._generate_batch(
+                        batch, max_length, stop_token_ids, strip_prompt
+                    )
+                    for batch in inputs
+                ]
+            )
         check_generate_inputs(self, inputs, max_length)
         if stream:
             return self._stream(inputs, max_length, stop_token_ids)
+        return self._generate_batch(inputs, max_length, stop_token_ids, strip_prompt)
+
+    def _generate_batch(self, inputs, max_length, stop_token_ids, strip_prompt):
+        """KerasHub's `generate` on one checked batch (data-parallel padded)."""
+        from keras_gemma2.generation.inputs import data_parallel_rows, keep_rows
+
         padded, rows = data_parallel_rows(inputs)
         outputs = super().generate(
             padded,
