@@ -79,6 +79,13 @@ def build_parser():
         command.add_argument(
             "--backend", choices=("jax", "tensorflow", "torch"), default=None
         )
+    chat.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="tokens of history kept, answer included (default and most: 8192); "
+        "the oldest turns are dropped past it",
+    )
     convert = commands.add_parser(
         "convert",
         help="convert a checkpoint to a keras_gemma2 preset or a transformers dir",
@@ -325,12 +332,17 @@ def make_sampler(args):
     )
 
 
-def load_for_generation(args):
+def load_for_generation(args, err=None):
     if args.max_new_tokens < 1:
         raise ValueError(
             f"--max-new-tokens must be >= 1. Received: {args.max_new_tokens}"
         )
+    import keras
+
     from keras_gemma2.training.finetune import load_finetuned
+
+    err = err or sys.stderr
+    err.write(f"Loading {args.preset} (Keras backend: {keras.config.backend()})\n")
 
     # A `finetune --keep-adapters` preset gets its adapter; others load as is.
     causal_lm = load_finetuned(args.preset)
@@ -366,11 +378,32 @@ def run(args, out=None):
     stream(causal_lm, args.prompt, args.max_new_tokens, out)
 
 
-def chat(args, out=None, read=None):
+def chat(args, out=None, read=None, err=None):
+    from keras import ops
+
+    from keras_gemma2.models.architecture import MAX_SEQUENCE_LENGTH
     from keras_gemma2.models.chat_template import format_chat
 
-    out, read = out or sys.stdout, read or input
-    causal_lm = load_for_generation(args)
+    out, read, err = out or sys.stdout, read or input, err or sys.stderr
+    context = args.context_length or MAX_SEQUENCE_LENGTH
+    if not 2 <= context <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(
+            f"--context-length must be between 2 and {MAX_SEQUENCE_LENGTH}. "
+            f"Received: {context}"
+        )
+    if args.max_new_tokens + 2 > context:
+        raise ValueError(
+            f"--max-new-tokens ({args.max_new_tokens}) leaves no room for a "
+            f"message in the {context}-token context; pass a smaller value."
+        )
+    causal_lm = load_for_generation(args, err=err)
+    tokenizer = causal_lm.preprocessor.tokenizer
+
+    def prompt_tokens(messages):
+        # `<bos>` (added by the preprocessor) + the rendered turns.
+        return 1 + len(ops.convert_to_numpy(tokenizer.tokenize(format_chat(messages))))
+
+    budget = context - args.max_new_tokens
     messages = []
     out.write("Type a message; /bye or end of input quits.\n")
     while True:
@@ -382,26 +415,74 @@ def chat(args, out=None, read=None):
             break
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        message = {"role": "user", "content": line}
+        if prompt_tokens([message]) > budget:
+            err.write(
+                f"[Your message takes {prompt_tokens([message])} tokens; at most "
+                f"{budget} fit ({context} of context less --max-new-tokens "
+                f"{args.max_new_tokens}). It was not sent; the history is kept.]\n"
+            )
+            continue
+        messages.append(message)
+        dropped = keep_recent_turns(messages, prompt_tokens, budget)
+        if dropped:
+            err.write(
+                f"[Dropped the {dropped} oldest message(s) to fit the "
+                f"{context}-token context.]\n"
+            )
         answer = stream(causal_lm, format_chat(messages), args.max_new_tokens, out)
         messages.append({"role": "model", "content": answer})
 
 
-def _switch_backend(argv):
-    """Re-run under `--backend`: Keras fixes its backend when first imported."""
+def keep_recent_turns(messages, count_tokens, budget):
+    """Drop the oldest user/model turn pairs until `messages` fit `budget` tokens.
+
+    The conversation keeps starting with a user turn; the last message (the
+    user's) is always kept, so check first that it fits alone.
+
+    Args:
+        messages: list of chat messages, ending with the user's; trimmed in
+            place.
+        count_tokens: callable giving the prompt length of a message list.
+        budget: int. Most prompt tokens allowed.
+
+    Returns:
+        The number of messages dropped.
+
+    Example:
+
+    >>> messages = [{"role": "user", "content": "a" * n} for n in (5, 1, 3)]
+    >>> messages[1]["role"] = "model"
+    >>> keep_recent_turns(messages, lambda m: sum(len(x["content"]) for x in m), 4)
+    2
+    >>> [m["content"] for m in messages]
+    ['aaa']
+    >>> messages = [{"role": "user", "content": "a" * n} for n in (1, 1, 3)]
+    >>> keep_recent_turns(messages, lambda m: sum(len(x["content"]) for x in m), 5)
+    0
+    """
+    dropped = 0
+    while len(messages) > 1 and count_tokens(messages) > budget:
+        del messages[:2]
+        dropped += 2
+    return dropped
+
+
+def _switch_backend(backend, argv):
+    """Re-run under `backend`: Keras fixes its backend when first imported.
+
+    `backend` is argparse's value, so `--backend jax` and `--backend=jax`
+    both count (scanning `argv` for the word `--backend` missed the second).
+    """
     if argv is None:
         argv = sys.argv[1:]
-    if "--backend" not in argv:
-        return
-    backend = argv[argv.index("--backend") + 1] if argv[-1] != "--backend" else None
-    if backend and os.environ.get("KERAS_BACKEND") != backend:
-        import keras
+    import keras
 
-        if keras.config.backend() != backend:
-            env = {**os.environ, "KERAS_BACKEND": backend}
-            os.execve(
-                sys.executable, [sys.executable, "-m", "keras_gemma2.cli", *argv], env
-            )
+    if keras.config.backend() != backend:
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        os.execve(
+            sys.executable, [sys.executable, "-m", "keras_gemma2.cli", *argv], env
+        )
 
 
 def main(argv=None):
@@ -409,7 +490,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "backend", None):
-            _switch_backend(argv)
+            _switch_backend(args.backend, argv)
         if args.command == "convert":
             convert(args)
         elif args.command == "run":
@@ -422,9 +503,18 @@ def main(argv=None):
             distill(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         # User errors: one clear line, no traceback.
-        print(f"keras-gemma2: error: {error}", file=sys.stderr)
+        print(f"keras-gemma2: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # No network, a failed download, a full disk: one line too.
+        print(f"keras-gemma2: error: {_one_line(error)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(error):
+    """`error`'s message on one line (its class name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":
