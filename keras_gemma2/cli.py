@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   keras-gemma2 convert ./gemma-2-2b ./gemma2_2b_keras --to keras --dtype bfloat16
   keras-gemma2 convert ./gemma2_2b_keras ./gemma-2-2b-hf --to transformers
   keras-gemma2 convert kaggle://keras/gemma2/keras/gemma2_2b_en/1 ./hf --to transformers
+  keras-gemma2 convert ./gemma-2-2b ./gemma2_2b_keras_hub --to keras_hub
   keras-gemma2 finetune gemma2_tiny_python data.jsonl --out ./tuned --epochs 3
   keras-gemma2 finetune ./gemma-2-2b chats.jsonl --out ./tuned --quantize int8
   keras-gemma2 distill gemma2_tiny_python student.json data.jsonl --out ./student
@@ -88,7 +89,8 @@ def build_parser():
     )
     convert = commands.add_parser(
         "convert",
-        help="convert a checkpoint to a keras_gemma2 preset or a transformers dir",
+        help="convert a checkpoint to a keras_gemma2 preset, a transformers dir "
+        "or a KerasHub preset",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -97,7 +99,12 @@ def build_parser():
     )
     convert.add_argument("destination", help="directory to write (must not exist)")
     convert.add_argument(
-        "--to", choices=("keras", "transformers"), required=True, help="output format"
+        "--to",
+        choices=("keras", "transformers", "keras_hub"),
+        required=True,
+        help="output format: a keras_gemma2 preset, a transformers directory, or a "
+        "KerasHub GemmaCausalLM preset (2B/9B-style models; the 27B's query "
+        "scaling is refused)",
     )
     convert.add_argument(
         "--dtype",
@@ -288,6 +295,11 @@ def convert(args):
             f"The destination {args.destination} already exists; pass --overwrite "
             "to replace it."
         )
+    if args.to == "keras_hub":
+        from keras_gemma2.checkpoints.keras_hub_export import check_preset_exportable
+
+        # Before the long load: refuse what KerasHub cannot compute.
+        check_preset_exportable(args.source)
     bar = None
 
     def progress(done, total, name):
@@ -304,6 +316,16 @@ def convert(args):
     if args.to == "keras":
         causal_lm.save_to_preset(
             args.destination, max_shard_size=args.max_shard_gb, overwrite=args.overwrite
+        )
+    elif args.to == "keras_hub":
+        from keras_gemma2.checkpoints.keras_hub_export import export_to_keras_hub
+
+        export_to_keras_hub(
+            causal_lm,
+            args.destination,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_gb,
+            overwrite=args.overwrite,
         )
     else:
         causal_lm.export_to_transformers(
