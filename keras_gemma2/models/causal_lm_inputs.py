@@ -96,33 +96,79 @@ class Gemma2InputChecks:
         if isinstance(validation_data, (tuple, list)):
             vx, vy, _ = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
             self._check_data(vx, vy)
-        with _pipeline_errors():
+        with self._pipeline_errors(kwargs):
             return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         self._check_data(x, y)
-        with _pipeline_errors():
+        with self._pipeline_errors():
             return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         self._check_data(x, None)
-        with _pipeline_errors():
+        with self._pipeline_errors():
             return super().predict(x, *args, **kwargs)
 
     def train_on_batch(self, x, y=None, *args, **kwargs):
         self._check_data(x, y)
-        with _pipeline_errors():
-            return super().train_on_batch(x, y, *args, **kwargs)
+        return super().train_on_batch(x, y, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
         self._check_data(x, y)
-        with _pipeline_errors():
-            return super().test_on_batch(x, y, *args, **kwargs)
+        return super().test_on_batch(x, y, *args, **kwargs)
 
     def predict_on_batch(self, x, *args, **kwargs):
         self._check_data(x, None)
-        with _pipeline_errors():
-            return super().predict_on_batch(x, *args, **kwargs)
+        return super().predict_on_batch(x, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _pipeline_errors(self, fit_kwargs=None):
+        """Re-raise our check's `ValueError` that a `tf.data` pipeline reported
+        as an op error (`InvalidArgumentError`), so every backend raises the
+        same, and leave the model usable.
+
+        Keras' JAX trainer detaches the variables' values while it loops and
+        reattaches them at the end, which an error mid-loop skips (before the
+        first batch of `fit`, or anywhere in `evaluate`/`predict`). So the
+        last finished batch's state is reattached, and the values from
+        before the call (kept by reference, no copy) where no batch
+        finished. In `fit` the references are dropped after the first batch,
+        so they never hold the pre-training weights alive.
+        """
+        kept = []
+        on_jax = keras.config.backend() == "jax"
+        if on_jax:
+            optimizer = getattr(self, "optimizer", None)
+            variables = {
+                id(variable): variable
+                for variable in self.variables
+                + self.metrics_variables
+                + (list(optimizer.variables) if optimizer is not None else [])
+            }
+            kept = [(variable, variable.value) for variable in variables.values()]
+            if fit_kwargs is not None:
+                fit_kwargs["callbacks"] = list(fit_kwargs.get("callbacks") or [])
+                fit_kwargs["callbacks"].append(_Forget(kept))
+        try:
+            yield
+        except Exception as error:
+            if on_jax:
+                # The state of the last finished batch, if any (its step
+                # donated the earlier arrays), then the kept values.
+                self.jax_state_sync()
+                self._jax_state = None
+            for variable, value in kept:
+                if getattr(variable, "_value", True) is None:
+                    variable._value = value
+            tf = sys.modules.get("tensorflow")
+            if tf is None or not isinstance(error, tf.errors.OpError):
+                raise
+            match = _OUR_MESSAGE.search(error.message or "")
+            if match is None:
+                raise
+            raise ValueError(match.group(1)) from None
+        finally:
+            kept.clear()
 
     def _check_data(self, x, y):
         """Check array data whole, before KerasHub batches it (`[row, column]`
@@ -189,17 +235,12 @@ def _checked_data():
         _CHECKED_DATA.reset(token)
 
 
-@contextlib.contextmanager
-def _pipeline_errors():
-    """Re-raise our check's `ValueError` that a `tf.data` pipeline reported as
-    an op error (`InvalidArgumentError`), so every backend raises the same."""
-    try:
-        yield
-    except Exception as error:
-        tf = sys.modules.get("tensorflow")
-        if tf is None or not isinstance(error, tf.errors.OpError):
-            raise
-        match = _OUR_MESSAGE.search(error.message or "")
-        if match is None:
-            raise
-        raise ValueError(match.group(1)) from None
+class _Forget(keras.callbacks.Callback):
+    """Drops `_pipeline_errors`' references after the first training batch."""
+
+    def __init__(self, kept):
+        super().__init__()
+        self.kept = kept
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.kept.clear()
