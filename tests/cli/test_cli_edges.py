@@ -112,7 +112,8 @@ def test_chat_keeps_the_most_recent_turns_that_fit(preset, monkeypatch, capsys):
     assert len(turns) == len(sent)
     # Reference: the whole conversation so far, then the most recent
     # user/model pairs that fit with room for the answer; one more would not.
-    history, drops = [], 0
+    # A note each time the kept window's start moves on.
+    history, drops, start = [], 0, 0
     for (prompt, answer), line in zip(turns, sent, strict=True):
         history.append({"role": "user", "content": line})
         kept = history[-1:]
@@ -121,7 +122,8 @@ def test_chat_keeps_the_most_recent_turns_that_fit(preset, monkeypatch, capsys):
             if length(longer) + max_new_tokens > context:
                 break
             kept = longer
-        drops += len(kept) < len(history)
+        drops += len(history) - len(kept) > start
+        start = len(history) - len(kept)
         assert prompt == format_chat(kept)
         assert length(kept) + max_new_tokens <= context
         history.append({"role": "model", "content": answer})
