@@ -1,8 +1,17 @@
-"""Atomic writes: build in a temporary sibling, rename into place."""
+"""Atomic writes: build in a temporary sibling, rename into place.
+
+A write killed at any point (SIGKILL, power cut aside) leaves the
+destination absent or complete: the writer only fills a hidden sibling
+`.<name>.partial-<pid>-<random>`, and an existing destination is moved to
+`.<name>.old-<pid>-<random>` just before the new one is renamed in. Such
+leftovers are hidden names that no loader looks at; the next write to the
+same destination removes those whose process is gone.
+"""
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -38,7 +47,8 @@ def atomic_directory(destination, overwrite=False):
     parent = os.path.dirname(destination)
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(destination)
-    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    remove_leftovers(destination)
+    staging = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
     _ACTIVE_STAGING.add(staging)
     try:
         yield staging
@@ -48,12 +58,65 @@ def atomic_directory(destination, overwrite=False):
     finally:
         _ACTIVE_STAGING.discard(staging)
     if os.path.exists(destination):
-        retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        retired = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
         os.replace(destination, os.path.join(retired, name))
         os.replace(staging, destination)
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, destination)
+
+
+def remove_leftovers(destination):
+    """Remove what killed writes to `destination` left beside it.
+
+    Staging (`.<name>.partial-<pid>-*`) and retired (`.<name>.old-<pid>-*`)
+    siblings are removed unless process `<pid>` still runs (another writer,
+    or a save of this process in progress). Returns the removed paths.
+
+    Args:
+        destination: path of the directory the writes were producing.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> parent = tempfile.mkdtemp()
+    >>> os.mkdir(os.path.join(parent, ".preset.partial-999999999-x1"))
+    >>> [os.path.basename(p) for p in remove_leftovers(f"{parent}/preset")]
+    ['.preset.partial-999999999-x1']
+    """
+    destination = os.path.abspath(os.fspath(destination))
+    parent, name = os.path.split(destination)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(?:partial|old)-(\d+)-")
+    try:
+        siblings = os.listdir(parent)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for sibling in sorted(siblings):
+        match = pattern.match(sibling)
+        path = os.path.join(parent, sibling)
+        if match is None or path in _ACTIVE_STAGING:
+            continue
+        if _process_runs(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_runs(pid):
+    """True when process `pid` exists (this process's own saves are tracked)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    except OverflowError:
+        return False
+    return True
 
 
 def atomic_write_json(path, value):
