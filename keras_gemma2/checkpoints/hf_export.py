@@ -10,7 +10,6 @@ exported, `transformers.AutoTokenizer.from_pretrained(directory)` (as
 import json
 import os
 
-import keras
 import keras_hub
 import ml_dtypes
 import numpy as np
@@ -21,11 +20,11 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     SINGLE_WEIGHTS_FILE,
-    weight_plan,
 )
 from keras_gemma2.models import weight_table
 from keras_gemma2.models.architecture import layer_is_local
 from keras_gemma2.models.backbone import Gemma2Backbone
+from keras_gemma2.models.quantization import float_weight
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_MODEL_FILE = "tokenizer.model"
@@ -144,10 +143,11 @@ def transformers_tensors(backbone, dtype="float32"):
     """
     numpy_dtype = _NUMPY_DTYPES[_check_dtype(dtype, backbone)]
     sizes = weight_table.dimensions(backbone)
-    for name, weight, variable, _ in weight_plan(backbone):
-        value = keras.ops.convert_to_numpy(variable)
+    for weight, layer, owner in weight_table.model_weights(backbone):
+        # Quantized layers are dequantized, one tensor at a time.
+        value = float_weight(weight, owner)
         array = weight_table.convert(value, weight.axes, weight.hf_axes, sizes)
-        yield name, np.ascontiguousarray(array.astype(numpy_dtype))
+        yield weight.hf_name(layer), np.ascontiguousarray(array.astype(numpy_dtype))
 
 
 def _shard_names(backbone, itemsize, max_shard_size_bytes):
@@ -156,7 +156,10 @@ def _shard_names(backbone, itemsize, max_shard_size_bytes):
     A tensor larger than the limit gets a shard of its own.
     """
     shards, current, current_size = [], [], 0
-    for name, _, _, shape in weight_plan(backbone):
+    sizes = weight_table.dimensions(backbone)
+    for weight, layer, _ in weight_table.model_weights(backbone):
+        name = weight.hf_name(layer)
+        shape = weight_table.shape(weight.hf_axes, sizes)
         size = int(np.prod(shape, dtype=np.int64)) * itemsize
         if current and current_size + size > max_shard_size_bytes:
             shards.append(current)
@@ -190,7 +193,7 @@ def _write_weights(backbone, directory, dtype, max_shard_size_bytes):
         shard = {}
         for expected in names:
             name, array = next(tensors)
-            # Both walk `weight_plan` in order; a mismatch is a bug here.
+            # Both walk `model_weights` in order; a mismatch is a bug here.
             if name != expected:
                 raise RuntimeError(f"Shard plan out of order: {name} != {expected}")
             shard[name] = array
@@ -310,7 +313,9 @@ def export_to_transformers(
     safetensors: `model.safetensors`, or `model-0000i-of-0000n.safetensors`
     shards with `model.safetensors.index.json` past `max_shard_size_bytes`.
     Weights are converted and written tensor by tensor, so memory holds one
-    shard beyond the model. With a tokenizer it also writes
+    shard beyond the model. An int8- or int4-quantized model is written
+    dequantized (`keras_gemma2.models.quantization.dequantize`): the float
+    weights its quantized forward computes with, QLoRA adapters added. With a tokenizer it also writes
     `tokenizer.model`, `tokenizer_config.json` (with Gemma's chat template
     when the vocabulary has `<start_of_turn>`/`<end_of_turn>`) and
     `special_tokens_map.json`.

@@ -26,6 +26,7 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
 )
 from keras_gemma2.models.json_file import read_json
 from keras_gemma2.models.presets import KERAS_HUB_PRESETS, bundled_presets
+from keras_gemma2.models.quantization import restore_quantization
 
 KERAS_GEMMA2 = "keras_gemma2"
 KERAS_HUB_GEMMA = "keras_hub_gemma"
@@ -136,11 +137,43 @@ def load_backbone(
             **overrides,
         )
     backbone = keras_hub.models.Backbone.from_preset.__func__(
-        backbone_cls, directory, load_weights=load_weights, **overrides
+        backbone_cls,
+        directory,
+        load_weights=load_weights,
+        **_keep_quantized_dtype(directory, overrides),
     )
+    # A quantized preset: each layer its own policy, and the activation
+    # scheme the causal LM recorded (a causal LM restores both itself).
+    restore_quantization(backbone, _task_quantization(directory))
     if load_weights and check:
         check_variables_finite(backbone, _weights_file(directory))
     return backbone
+
+
+def _keep_quantized_dtype(directory, overrides):
+    """`overrides`, with a quantized preset's saved dtypes when none is given.
+
+    KerasHub's task loader keeps the saved `DTypePolicyMap` of a quantized
+    preset when no `dtype` is passed; its backbone loader replaces the saved
+    dtype with the caller's, `None`, so `Gemma2Backbone.from_preset` built a
+    float backbone and the int8/int4 weights did not load ("expected 1
+    variables, but received 0"). Float presets are left to KerasHub (they
+    load in the default float dtype, as tasks do).
+    """
+    if overrides.get("dtype") is not None:
+        return overrides
+    saved = read_json(os.path.join(directory, "config.json"))["config"].get("dtype")
+    if isinstance(saved, dict) and saved.get("class_name") == "DTypePolicyMap":
+        return {**overrides, "dtype": saved}
+    return overrides
+
+
+def _task_quantization(directory):
+    """The `quantize` record in the preset's `task.json`, or `None`."""
+    path = os.path.join(directory, "task.json")
+    if not os.path.isfile(path):
+        return None
+    return read_json(path).get("config", {}).get("quantization")
 
 
 def load_causal_lm(
