@@ -8,7 +8,10 @@ anything runs, and every backend raises the same `ValueError`, naming the
 id, its `[row, column]` and the vocabulary size:
 
 - `causal_lm(x)` and `causal_lm.score(...)` with concrete values (numpy, an
-  eager JAX, TensorFlow or PyTorch tensor): checked in `__call__`.
+  eager JAX, TensorFlow or PyTorch tensor): checked in `__call__`. Ids on an
+  accelerator are copied to the host for it (`[batch, T]` integers, one
+  small transfer per call). Keras' own steps skip it (their data were
+  checked already), and `generate`'s decode loop never calls `__call__`.
 - `fit`, `evaluate`, `predict` and `*_on_batch` with arrays: the whole of
   `x["token_ids"]` (and integer labels `y`) before the data pipeline is
   built, with positions in the caller's arrays.
