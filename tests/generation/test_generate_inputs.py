@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.generation.test_generate import make_causal_lm
+from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
 from tests.text_fixtures import make_text_causal_lm
 
 # Every form below reaches the model in batches of two prompts, so all the
@@ -36,6 +36,17 @@ def expected(text_lm):
         for out, p in zip(outputs, PROMPTS, strict=True)
     )
     return outputs
+
+
+def make_causal_lm():
+    """Two layers, random weights: a generation program compiles in seconds."""
+    keras.utils.set_random_seed(1)
+    backbone = Gemma2Backbone(
+        vocabulary_size=64, num_layers=2, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8,
+        sliding_window_size=4,
+    )  # fmt: skip
+    return Gemma2CausalLM(backbone)
 
 
 def generate(causal_lm, inputs):
