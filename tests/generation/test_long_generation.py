@@ -13,8 +13,8 @@ token i, so every generated position is checked, not a sample.
 near-tie margin); the cached logits themselves are compared with uncached ones
 past the window in `tests/generation/test_generate.py`.
 
-Runtime on a shared 2-core CPU: about 45 s on jax and tensorflow, about
-140 s on torch (8192 eager decode steps); hence the `slow` mark.
+Runtime on a shared, loaded 2-core CPU: 30-55 s on jax and tensorflow,
+80-140 s on torch (8192 eager decode steps); hence the `slow` mark.
 """
 
 import numpy as np
