@@ -315,8 +315,8 @@ def export_to_transformers(
     Weights are converted and written tensor by tensor, so memory holds one
     shard beyond the model. An int8- or int4-quantized model is written
     dequantized (`keras_gemma2.models.quantization.dequantize`): the float
-    weights its quantized forward computes with, QLoRA adapters added. With a tokenizer it also writes
-    `tokenizer.model`, `tokenizer_config.json` (with Gemma's chat template
+    weights its quantized forward computes with, QLoRA adapters added.
+    With a tokenizer it also writes `tokenizer.model`, `tokenizer_config.json` (with Gemma's chat template
     when the vocabulary has `<start_of_turn>`/`<end_of_turn>`) and
     `special_tokens_map.json`.
 
