@@ -316,9 +316,9 @@ def export_to_transformers(
     shard beyond the model. An int8- or int4-quantized model is written
     dequantized (`keras_gemma2.models.quantization.dequantize`): the float
     weights its quantized forward computes with, QLoRA adapters added.
-    With a tokenizer it also writes `tokenizer.model`, `tokenizer_config.json` (with Gemma's chat template
-    when the vocabulary has `<start_of_turn>`/`<end_of_turn>`) and
-    `special_tokens_map.json`.
+    With a tokenizer it also writes `tokenizer.model`,
+    `tokenizer_config.json` (with Gemma's chat template when the vocabulary
+    has `<start_of_turn>`/`<end_of_turn>`) and `special_tokens_map.json`.
 
     Everything is written into a temporary sibling of `directory` and renamed
     into place at the end: a failure leaves neither a partial checkpoint nor
