@@ -87,7 +87,35 @@ def quantize_backbone_layers(causal_lm, mode, config, filters, type_check):
                 )
             else:
                 layer.quantize(mode, type_check=type_check, config=config)
+    _record_policies(backbone)
     return mode
+
+
+def _record_policies(backbone):
+    """Make the backbone's dtype policy a map of its quantized layers' policies.
+
+    KerasHub's `Backbone.get_config` otherwise builds that map itself, with
+    no default policy, and serializing such a map sets every quantized
+    layer's source dtype to `None`, in place: a bfloat16 model quantized and
+    saved reloaded computing in float32 (the `keras.config` default). With
+    the backbone's own policy as the default, the map is saved as it is.
+    """
+    policy = backbone.dtype_policy
+    policies = {
+        layer.path: layer.dtype_policy
+        for layer in _leaf_layers(backbone)
+        if getattr(layer, "quantization_mode", None) is not None
+    }
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        for path, layer_policy in policies.items():
+            if path not in policy:
+                policy[path] = layer_policy
+        return
+    # The backbone is a layer of the model, not a quantized one: its own
+    # mode (the map's default) stays `None`.
+    backbone._dtype_policy = keras.dtype_policies.DTypePolicyMap(
+        default_policy=policy.name, policy_map=policies
+    )
 
 
 @contextlib.contextmanager
@@ -171,6 +199,43 @@ def restore_quantization(backbone, record):
         return
     config = keras.saving.deserialize_keras_object(record["config"])
     restore_activation_quantizers(backbone, record["mode"], config)
+
+
+class _PackedKernelEinsumDense(keras.layers.EinsumDense):
+    """An int4 `EinsumDense` whose `kernel` is its packed variable."""
+
+    @property
+    def kernel(self):
+        return self._kernel
+
+
+@contextlib.contextmanager
+def packed_int4_kernels(backbone):
+    """Within the block, each int4 projection's `kernel` is its packed codes.
+
+    Keras' weight loading reads every attribute of every layer to find the
+    sublayers it holds. On an int4 `EinsumDense`, `kernel` is a property
+    that unpacks the whole kernel to int8: one transient copy per layer,
+    about 12 s and, as the copies fragment the heap, 0.6 GB of resident
+    memory more than the 0.17 GB the int4 weights of a ~1 GB model need
+    (measured on torch, `benchmarks/quantized_memory.py`). Keras' int4
+    loading itself reads only the variables.
+
+    Args:
+        backbone: a `Gemma2Backbone`.
+    """
+    layers = [
+        layer
+        for layer in _leaf_layers(backbone)
+        if type(layer) is keras.layers.EinsumDense and layer.quantization_mode == "int4"
+    ]
+    for layer in layers:
+        layer.__class__ = _PackedKernelEinsumDense
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__class__ = keras.layers.EinsumDense
 
 
 def own_policies(backbone):
