@@ -201,10 +201,12 @@ def topk_token_distillation_losses(
     teacher_logprobs = ops.convert_to_tensor(teacher_logprobs)
     _check_topk_shapes(student_logits, teacher_ids, teacher_logprobs)
     temperature = _check_temperature(temperature)
-    log_q_all = _log_softmax(ops.cast(student_logits, "float32") / temperature)
+    # log q at the k ids: gathered logits minus one logsumexp over V, without
+    # materialising a second [..., V] log-softmax tensor.
+    scaled = ops.cast(student_logits, "float32") / temperature
     log_q = ops.take_along_axis(
-        log_q_all, ops.cast(teacher_ids, "int32"), axis=-1
-    )  # [..., k]
+        scaled, ops.cast(teacher_ids, "int32"), axis=-1
+    ) - ops.logsumexp(scaled, axis=-1, keepdims=True)  # [..., k]
     log_p = ops.cast(teacher_logprobs, "float32")
     kept = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
     log_p_rest, log_q_rest = _log_rest(log_p), _log_rest(log_q)
