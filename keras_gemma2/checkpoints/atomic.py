@@ -66,12 +66,68 @@ def atomic_directory(destination, overwrite=False):
         os.replace(staging, destination)
 
 
+@contextlib.contextmanager
+def atomic_file(destination, overwrite=False):
+    """Yield a temporary file path that replaces the file `destination` on success.
+
+    The temporary file `.<name>.partial-<pid>-<random>` is a sibling of
+    `destination` (so the final `os.replace` is atomic) and exists, empty,
+    when the body starts. If the body raises, it is removed and `destination`
+    is left as it was.
+
+    Args:
+        destination: path of the file to produce.
+        overwrite: bool. Replace an existing `destination`. If `False`, an
+            existing `destination` raises `FileExistsError` before anything
+            is written.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.bin")
+    >>> with atomic_file(path) as staging:
+    ...     with open(staging, "wb") as file:
+    ...         _ = file.write(b"weights")
+    >>> open(path, "rb").read()
+    b'weights'
+    """
+    destination = os.path.abspath(os.fspath(destination))
+    if os.path.isdir(destination):
+        raise IsADirectoryError(
+            f"The destination {destination} is a directory; expected a file path."
+        )
+    if os.path.exists(destination) and not overwrite:
+        raise FileExistsError(
+            f"The destination {destination} already exists. Pass overwrite=True "
+            "to replace it, or choose another path."
+        )
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(destination)
+    remove_leftovers(destination)
+    handle, staging = tempfile.mkstemp(
+        prefix=f".{name}.partial-{os.getpid()}-", dir=parent
+    )
+    os.close(handle)
+    _ACTIVE_STAGING.add(staging)
+    try:
+        yield staging
+        os.replace(staging, destination)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+    finally:
+        _ACTIVE_STAGING.discard(staging)
+
+
 def remove_leftovers(destination):
     """Remove what killed writes to `destination` left beside it.
 
-    Staging (`.<name>.partial-<pid>-*`) and retired (`.<name>.old-<pid>-*`)
-    siblings are removed unless process `<pid>` still runs (another writer,
-    or a save of this process in progress). Returns the removed paths.
+    Staging (`.<name>.partial-<pid>-*`, directories or files) and retired
+    (`.<name>.old-<pid>-*`) siblings are removed unless process `<pid>`
+    still runs (another writer, or a save of this process in progress).
+    Returns the removed paths.
 
     Args:
         destination: path of the directory the writes were producing.
@@ -99,7 +155,10 @@ def remove_leftovers(destination):
             continue
         if _process_runs(int(match.group(1))):
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)  # a file staged by `atomic_file`
         removed.append(path)
     return removed
 

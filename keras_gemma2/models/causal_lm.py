@@ -583,6 +583,58 @@ class Gemma2CausalLM(
             overwrite=overwrite,
         )
 
+    def export_to_gguf(
+        self,
+        path,
+        dtype="f32",
+        tokenizer=None,
+        modelfile=True,
+        overwrite=False,
+        progress=None,
+    ):
+        """Write a GGUF file that llama.cpp and Ollama run as `gemma2`.
+
+        Writes the weights (LoRA adapters merged; norms as llama.cpp's
+        `1 + scale` in F32), the hyper-parameters and the SentencePiece
+        vocabulary, tensor by tensor, staged and renamed into place. With
+        `modelfile=True` an Ollama `Modelfile` goes beside it: run the model
+        with `ollama create NAME -f Modelfile && ollama run NAME`. A model
+        llama.cpp cannot compute (a `query_pre_attn_scalar` other than
+        `head_dim`, or `hidden_dim // num_query_heads` at 46 layers; a
+        missing soft cap) raises `ValueError` before anything is written.
+        See `keras_gemma2.checkpoints.gguf_export.export_to_gguf`.
+
+        Args:
+            path: string. The `.gguf` file to write.
+            dtype: string. `"f32"`, `"f16"`, `"bf16"` or `"q8_0"`, the type
+                of the matrices. Defaults to `"f32"`.
+            tokenizer: optional `Gemma2Tokenizer`; defaults to the
+                preprocessor's (a GGUF file needs one).
+            modelfile: bool. Also write `Modelfile` beside `path`.
+                Defaults to `True`.
+            overwrite: bool. Replace an existing file. Defaults to `False`.
+            progress: optional callable `progress(done, total, name)`, called
+                after each tensor.
+
+        Example:
+
+        ```python
+        causal_lm.export_to_gguf("./gemma2-ft/gemma2-ft.gguf", dtype="q8_0")
+        # shell: cd gemma2-ft && ollama create gemma2-ft -f Modelfile
+        ```
+        """
+        from keras_gemma2.checkpoints.gguf_export import export_to_gguf
+
+        export_to_gguf(
+            self,
+            path,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            modelfile=modelfile,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Build a `Gemma2CausalLM` from a preset.
