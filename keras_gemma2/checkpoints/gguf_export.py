@@ -10,6 +10,7 @@ template, stop tokens, sampling defaults), so that
 
 import os
 
+import keras
 import numpy as np
 
 from keras_gemma2.checkpoints import gguf_names
@@ -144,17 +145,38 @@ def _encode(rows, type_name):
     return gguf.quants.quantize(rows, gguf.GGMLQuantizationType[type_name])
 
 
-def _write_tensor(file, weight, owner, sizes, type_name):
+def _row_reader(weight, owner, sizes):
+    """`(rows, read)`: the weight's GGUF row count and `read(start, stop)`.
+
+    A float variable stored in the same layout (the embedding, the norms) is
+    sliced on the backend chunk by chunk, never copied whole; any other (one
+    block's matrix, or a quantized layer) is read, dequantized and
+    transposed whole, then sliced.
+    """
+    layer = owner
+    for name in weight.attribute[:-1]:
+        layer = getattr(layer, name)
+    layout = gguf_names.layout(weight)
+    if getattr(layer, "quantization_mode", None) is None and weight.axes == layout:
+        variable = weight.variable(owner)
+        return int(variable.shape[0]), lambda start, stop: keras.ops.convert_to_numpy(
+            variable[start:stop]
+        )
+    moved = weight_table.convert(
+        float_weight(weight, owner), weight.axes, layout, sizes
+    )
+    return moved.shape[0], lambda start, stop: moved[start:stop]
+
+
+def _write_tensor(file, weight, owner, sizes, shape, type_name):
     """Convert and write one weight in row chunks; returns bytes written."""
-    value = float_weight(weight, owner)
-    # A view where the layouts differ only in grouping (the embedding).
-    rows = weight_table.convert(value, weight.axes, gguf_names.layout(weight), sizes)
+    rows, read = _row_reader(weight, owner, sizes)
     shift = np.float32(gguf_names.norm_shift(weight))
-    row_bytes = 4 * int(np.prod(rows.shape[1:], dtype=np.int64))
-    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    row_bytes = 4 * int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, _CHUNK_BYTES // row_bytes)
     written = 0
-    for start in range(0, rows.shape[0], step):
-        chunk = np.asarray(rows[start : start + step], dtype=np.float32)
+    for start in range(0, rows, step):
+        chunk = np.asarray(read(start, start + step), dtype=np.float32)
         if shift:
             chunk = chunk + shift
         data = _encode(np.ascontiguousarray(chunk), type_name)
@@ -369,7 +391,7 @@ def export_to_gguf(
                 zip(plan, types, strict=True), start=1
             ):
                 writer.write_padding(file, file.tell())  # tensor data alignment
-                written = _write_tensor(file, weight, owner, sizes, type_name)
+                written = _write_tensor(file, weight, owner, sizes, shape, type_name)
                 if written != _nbytes(shape, type_name):
                     raise RuntimeError(f"Wrote {written} bytes for {name}: a bug here.")
                 if progress is not None:

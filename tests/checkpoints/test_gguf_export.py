@@ -393,3 +393,46 @@ def test_model_without_tokenizer_is_refused(reference, tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         export_to_gguf(reference[1], str(tmp_path / "a.gguf"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("chunk_bytes", [2**18])
+def test_export_never_holds_a_whole_converted_embedding(
+    vocabulary, tmp_path, monkeypatch, chunk_bytes
+):
+    import tracemalloc
+
+    # Chunks of 128 rows here (32 MiB of float32 by default).
+    monkeypatch.setattr(gguf_export, "_CHUNK_BYTES", chunk_bytes)
+    # The embedding is 94% of this model: a whole copy of it (what a
+    # non-streaming writer makes) would be far past 0.3x the model.
+    backbone = Gemma2Backbone(
+        **{
+            **TINY_BACKBONE_CONFIG,
+            "vocabulary_size": 8192,
+            "hidden_dim": 512,
+            "intermediate_dim": 32,
+            "num_layers": 2,
+            "num_query_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+        }
+    )
+    model_bytes = sum(int(np.prod(v.shape)) * 4 for v in backbone.weights)
+    tracemalloc.start()
+    try:
+        export_to_gguf(
+            backbone, str(tmp_path / "a.gguf"), tokenizer=Gemma2Tokenizer(vocabulary)
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    embedding = np.asarray(
+        tensors(gguf.GGUFReader(str(tmp_path / "a.gguf")))["token_embd.weight"].data
+    )
+    np.testing.assert_array_equal(
+        embedding.reshape(8192, 512),
+        keras.ops.convert_to_numpy(backbone.token_embedding.embeddings),
+    )
+    # numpy allocations are traced: one row chunk, one block's matrices.
+    assert peak < 0.3 * model_bytes, (peak, model_bytes)
