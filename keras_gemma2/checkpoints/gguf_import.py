@@ -1,0 +1,528 @@
+"""Read a Gemma 2 GGUF file (llama.cpp's format) into Keras.
+
+A GGUF file holds the hyper-parameters (`gemma2.*` metadata keys), the
+SentencePiece vocabulary (`tokenizer.ggml.*`) and the weights in llama.cpp's
+layout: linear weights `[out, in]` (as Hugging Face stores them), RMS-norm
+gains stored as `1 + scale` in F32, the output head tied to `token_embd`.
+Tensors of type F32, F16, BF16 and Q8_0 are read (Q8_0 dequantised with
+the `gguf` package) and converted to the requested dtype, one tensor at a
+time from the memory-mapped file.
+
+Everything that can be checked before a weight is assigned is checked
+first: the magic and the header (a truncated or foreign file), the
+architecture, the metadata, every tensor's name, type, shape and extent
+in the file. A bad file raises a `ValueError` naming it and no model is
+returned.
+"""
+
+import os
+
+import numpy as np
+
+from keras_gemma2.checkpoints import gguf_names as names
+from keras_gemma2.checkpoints.finite_check import check_finite
+from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
+from keras_gemma2.checkpoints.unallocated import fill, forget_pending
+from keras_gemma2.models import weight_table
+from keras_gemma2.models.chat_template import END_OF_TURN, START_OF_TURN
+
+GGUF_SUFFIX = ".gguf"
+_MAGIC = b"GGUF"
+# Gemma's tokenizer.model has the turn markers as user-defined pieces, so their
+# literal text maps to one id; llama.cpp's converter may type them CONTROL.
+_TURN_PIECES = (START_OF_TURN, END_OF_TURN)
+# `tokenizer.ggml.*_token_id` key -> the SentencePiece trainer field it sets.
+# What `gguf.GGUFReader` raises on a header cut short or garbled.
+_UNREADABLE = (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError)
+_REMOVE_EXTRA_WHITESPACES = "tokenizer.ggml.remove_extra_whitespaces"
+_SPECIAL_IDS = {
+    names.UNKNOWN_ID: "unk",
+    names.BOS_ID: "bos",
+    names.EOS_ID: "eos",
+    names.PADDING_ID: "pad",
+}
+
+
+def is_gguf_file(preset):
+    """Whether `preset` (a string or path) names a `.gguf` file.
+
+    Example:
+
+    >>> is_gguf_file("/models/gemma-2-2b-it-Q8_0.gguf")
+    True
+    """
+    return isinstance(preset, (str, os.PathLike)) and os.fspath(
+        preset
+    ).lower().endswith(GGUF_SUFFIX)
+
+
+def _reader_types():
+    """The `gguf` types we read, imported on first use."""
+    from gguf import GGMLQuantizationType
+
+    return {
+        GGMLQuantizationType.F32: "F32",
+        GGMLQuantizationType.F16: "F16",
+        GGMLQuantizationType.BF16: "BF16",
+        GGMLQuantizationType.Q8_0: "Q8_0",
+    }
+
+
+class GGUFFile:
+    """An opened, checked GGUF file: its metadata and its tensors.
+
+    Opening reads the header only; tensor data stays memory-mapped until
+    `read` is called. The magic, the header, every tensor's extent in the
+    file and `general.architecture == "gemma2"` are checked here.
+
+    Args:
+        path: string. Path to the `.gguf` file.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file is not GGUF (bad magic), is truncated or
+            corrupt, or describes another architecture.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"The GGUF file {self.path} does not exist.")
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as file:
+            magic = file.read(len(_MAGIC))
+        if magic != _MAGIC:
+            raise ValueError(
+                f"{self.path} is not a GGUF file: it starts with {magic!r}, "
+                f"expected the magic {_MAGIC!r}."
+            )
+        from gguf import GGUFReader
+
+        try:
+            self.reader = GGUFReader(self.path)
+        except (
+            ValueError,
+            IndexError,
+            KeyError,
+            OverflowError,
+            UnicodeDecodeError,
+        ) as e:
+            raise ValueError(
+                f"{self.path} is truncated or corrupt ({size} bytes): its GGUF "
+                f"header or tensor table cannot be read ({e})."
+            ) from e
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        for tensor in self.reader.tensors:
+            end = int(tensor.data_offset) + int(tensor.n_bytes)
+            if end > size:
+                raise ValueError(
+                    f"{self.path} is truncated: tensor `{tensor.name}` ends at byte "
+                    f"{end}, past the end of the file ({size} bytes)."
+                )
+        architecture = self.value(names.GENERAL_ARCHITECTURE, None)
+        if architecture != names.ARCHITECTURE:
+            raise ValueError(
+                f"{self.path} holds a model of architecture {architecture!r} "
+                f"({names.GENERAL_ARCHITECTURE}); only {names.ARCHITECTURE!r} "
+                "(Gemma 2) loads into Gemma2Backbone."
+            )
+
+    def value(self, key, default=KeyError):
+        """The metadata value under `key`; `default`, or `ValueError` if none."""
+        field = self.reader.get_field(key)
+        if field is None:
+            if default is KeyError:
+                raise ValueError(
+                    f"{self.path} lacks the metadata key `{key}` that a Gemma 2 "
+                    "GGUF must have."
+                )
+            return default
+        return field.contents()
+
+    def shape(self, name):
+        """Tensor `name`'s shape as numpy orders it (GGUF lists dims reversed)."""
+        return tuple(int(dim) for dim in reversed(self.tensors[name].shape.tolist()))
+
+    def type_name(self, name):
+        """The GGML type of tensor `name`, e.g. `"Q8_0"`."""
+        return self.tensors[name].tensor_type.name
+
+    def read(self, name):
+        """Tensor `name` as a numpy float array in its own memory (not the map).
+
+        F32, F16 and BF16 keep their dtype; Q8_0 is dequantised to float32.
+        """
+        from gguf import GGMLQuantizationType, quants
+
+        tensor = self.tensors[name]
+        kind = tensor.tensor_type
+        if kind == GGMLQuantizationType.Q8_0:
+            array = quants.dequantize(tensor.data, kind)
+        elif kind == GGMLQuantizationType.BF16:
+            import ml_dtypes
+
+            array = np.array(tensor.data).view(ml_dtypes.bfloat16)
+        else:
+            array = np.array(tensor.data)
+        return array.reshape(self.shape(name))
+
+
+def read_gguf_config(gguf_file):
+    """Map a Gemma 2 GGUF's `gemma2.*` metadata to `Gemma2Backbone` arguments.
+
+    The keys are `gguf_names.HYPERPARAMETERS`; a key llama.cpp has a
+    default for (window, soft caps, RoPE base, head sizes, key-value heads)
+    takes that default when absent. The vocabulary size is `token_embd`'s
+    row count, or the token count when the vocabulary is smaller (the
+    embedding's extra rows are padding, left unread). `query_pre_attn_scalar`
+    follows llama.cpp, which has no key for it: `hidden // heads` for the
+    46-layer model, `head_dim` otherwise.
+
+    Args:
+        gguf_file: a `GGUFFile`.
+
+    Raises:
+        ValueError: a required key or `token_embd.weight` is missing, or
+            `key_length` and `value_length` differ (Gemma 2 has one head size).
+    """
+    hidden = int(gguf_file.value(names.EMBEDDING_LENGTH))
+    heads = int(gguf_file.value(names.HEAD_COUNT))
+    defaults = {
+        **names.LLAMA_CPP_DEFAULTS,
+        names.KEY_LENGTH: hidden // heads,
+        names.VALUE_LENGTH: hidden // heads,
+        names.HEAD_COUNT_KV: heads,
+    }
+    config = {}
+    for argument, key, kind in names.HYPERPARAMETERS:
+        value = gguf_file.value(key, defaults.get(key, KeyError))
+        # GGUF floats are float32: take the shortest decimal that is the same
+        # float32 (1e-05, not 9.999999747378752e-06), as the writer meant it.
+        value = int(value) if kind == "int" else float(str(np.float32(value)))
+        if config.setdefault(argument, value) != value:
+            raise ValueError(
+                f"{gguf_file.path} has {names.KEY_LENGTH}={config[argument]} and "
+                f"{key}={value}; Gemma 2 uses one head size for queries, keys and "
+                "values."
+            )
+    if names.tensor_name(weight_table.EMBEDDING) not in gguf_file.tensors:
+        raise ValueError(
+            f"{gguf_file.path} lacks the tensor "
+            f"`{names.tensor_name(weight_table.EMBEDDING)}`."
+        )
+    rows = gguf_file.shape(names.tensor_name(weight_table.EMBEDDING))[0]
+    tokens = _vocabulary(gguf_file)
+    # Rows past the vocabulary pad the embedding; they are never used.
+    config["vocabulary_size"] = rows if tokens is None else min(rows, len(tokens))
+    config["query_pre_attn_scalar"] = names.llama_cpp_query_pre_attn_scalar(
+        config["num_layers"], hidden, heads, config["head_dim"]
+    )
+    return config
+
+
+def read_gguf_tokenizer(gguf_file):
+    """Rebuild the SentencePiece model of a GGUF's vocabulary, or `None`.
+
+    The pieces, scores and types come from `tokenizer.ggml.tokens`,
+    `scores` and `token_type` (llama.cpp numbers the types as SentencePiece
+    does); the special pieces from the `*_token_id` keys; whitespace
+    handling from `add_space_prefix` (llama.cpp's default for this
+    vocabulary, `True`, when absent) and `remove_extra_whitespaces`. The
+    model type is BPE: SentencePiece's name for the score-ordered merging
+    that GGUF's `"llama"` vocabulary stands for. `<start_of_turn>` and
+    `<end_of_turn>` are made user-defined pieces, as in Gemma's own model,
+    when a converter typed them CONTROL (so their literal text still maps
+    to their one id). Trailing unused `[PAD<id>]` tokens, which converters
+    add to match the embedding's rows, are dropped.
+
+    Args:
+        gguf_file: a `GGUFFile`.
+
+    Returns:
+        The serialized `ModelProto` (bytes), or `None` when the file holds no
+        vocabulary (`tokenizer.ggml.tokens` absent).
+
+    Raises:
+        ValueError: the vocabulary is not SentencePiece's, its lists disagree
+            in length, or SentencePiece refuses the rebuilt model.
+    """
+    tokens = _vocabulary(gguf_file)
+    if tokens is None:
+        return None
+    from sentencepiece import sentencepiece_model_pb2
+
+    kind = gguf_file.value(names.TOKENIZER_MODEL, names.SENTENCEPIECE_TOKENIZER)
+    if kind != names.SENTENCEPIECE_TOKENIZER:
+        raise ValueError(
+            f"{gguf_file.path} has {names.TOKENIZER_MODEL}={kind!r}; a Gemma 2 "
+            f"vocabulary is SentencePiece's ({names.SENTENCEPIECE_TOKENIZER!r})."
+        )
+    count = len(tokens)
+    scores = gguf_file.value(names.SCORES, [0.0] * count)[:count]
+    types = gguf_file.value(names.TOKEN_TYPES, [names.TOKEN_TYPE_NORMAL] * count)
+    types = types[:count]
+    proto = sentencepiece_model_pb2.ModelProto()
+    for piece, score, piece_type in zip(tokens, scores, types, strict=True):
+        if piece in _TURN_PIECES and piece_type == names.TOKEN_TYPE_CONTROL:
+            piece_type = names.TOKEN_TYPE_USER_DEFINED
+        proto.pieces.add(piece=piece, score=float(score), type=int(piece_type))
+    trainer = proto.trainer_spec
+    trainer.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    trainer.vocab_size = count
+    trainer.byte_fallback = names.TOKEN_TYPE_BYTE in types
+    for key, role in _SPECIAL_IDS.items():
+        index = gguf_file.value(key, None)
+        if index is None and role == "unk" and names.TOKEN_TYPE_UNKNOWN in types:
+            index = types.index(names.TOKEN_TYPE_UNKNOWN)
+        valid = index is not None and 0 <= int(index) < count
+        setattr(trainer, f"{role}_id", int(index) if valid else -1)
+        if valid:
+            setattr(trainer, f"{role}_piece", tokens[int(index)])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(gguf_file.value(names.ADD_SPACE_PREFIX, True))
+    normalizer.remove_extra_whitespaces = bool(
+        gguf_file.value(_REMOVE_EXTRA_WHITESPACES, False)
+    )
+    normalizer.escape_whitespaces = True
+    serialized = proto.SerializeToString()
+    _check_loadable(serialized, gguf_file.path)
+    return serialized
+
+
+def _vocabulary(gguf_file):
+    """The file's token list without trailing padding tokens, or `None`.
+
+    Converters (ours, llama.cpp's) pad the token list to the embedding's
+    rows with unused tokens named `[PAD<id>]`; they are no SentencePiece
+    pieces and are dropped.
+
+    Raises:
+        ValueError: the scores or token types are not one per token.
+    """
+    tokens = gguf_file.value(names.TOKENS, None)
+    if tokens is None:
+        return None
+    count = len(tokens)
+    scores = gguf_file.value(names.SCORES, None)
+    types = gguf_file.value(names.TOKEN_TYPES, None)
+    for key, values in ((names.SCORES, scores), (names.TOKEN_TYPES, types)):
+        if values is not None and len(values) != count:
+            raise ValueError(
+                f"{gguf_file.path} lists {count} tokens but {len(values)} values "
+                f"under {key}; it must have one per token."
+            )
+    while (
+        count
+        and types is not None
+        and types[count - 1] == names.TOKEN_TYPE_UNUSED
+        and tokens[count - 1] == f"[PAD{count - 1}]"
+    ):
+        count -= 1
+    return tokens[:count]
+
+
+def _check_loadable(serialized, path):
+    """Raise `ValueError` naming `path` if SentencePiece refuses the model."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=serialized)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(
+            f"The vocabulary in {path} does not make a valid SentencePiece model: {e}"
+        ) from e
+
+
+def check_gguf_tensors(gguf_file, plan):
+    """Check names, types and shapes of every tensor `plan` needs.
+
+    Args:
+        gguf_file: a `GGUFFile`.
+        plan: `gguf_names.tensor_plan(backbone)`.
+
+    Raises:
+        ValueError: a tensor is missing, has a type we do not read (named,
+            e.g. Q4_K), has another shape than the metadata implies, or the
+            file holds a tensor Gemma 2 has no place for.
+    """
+    readable = _reader_types()
+    expected = [name for name, *_ in plan]
+    unexpected = sorted(set(gguf_file.tensors) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"Unexpected tensor `{unexpected[0]}` in {gguf_file.path} "
+            f"({len(unexpected)} such): it has no place in a Gemma 2 model of "
+            f"{len(plan)} tensors (the output head is tied to the embedding)."
+        )
+    missing = [name for name in expected if name not in gguf_file.tensors]
+    if missing:
+        raise ValueError(
+            f"{gguf_file.path} lacks the tensor `{missing[0]}` ({len(missing)} "
+            f"missing of the {len(plan)} a Gemma 2 model of its metadata has)."
+        )
+    for name, weight, *_, shape in plan:
+        if gguf_file.tensors[name].tensor_type not in readable:
+            raise ValueError(
+                f"Tensor `{name}` in {gguf_file.path} has type "
+                f"{gguf_file.type_name(name)}, which keras_gemma2 does not read. "
+                f"Supported types: {sorted(readable.values())}; convert the file "
+                "to one of them (e.g. with llama.cpp's llama-quantize) first."
+            )
+        stored = gguf_file.shape(name)
+        wanted = tuple(shape)
+        if weight.padded:  # the embedding: rows past the vocabulary are padding
+            stored = (min(stored[0], wanted[0]), *stored[1:])
+        if stored != wanted:
+            raise ValueError(
+                f"Tensor `{name}` in {gguf_file.path} has shape "
+                f"{gguf_file.shape(name)}; expected {wanted} from its "
+                f"{names.ARCHITECTURE}.* metadata."
+            )
+
+
+def load_gguf_weights(backbone, gguf_file, progress=None, check_finite_values=True):
+    """Check every tensor of `gguf_file` against `backbone`, then assign them.
+
+    All names, types and shapes are checked before the first assignment;
+    tensors are then read, dequantised, checked for NaN/Inf and assigned
+    one at a time.
+
+    Args:
+        backbone: a `Gemma2Backbone` built with `build_for_loading`.
+        gguf_file: a `GGUFFile`.
+        progress: optional callable `progress(done, total, name)`.
+        check_finite_values: bool. Refuse a tensor holding NaN or Inf,
+            naming it and the file, before it is assigned; `backbone` is
+            then unusable and must be discarded.
+    """
+    plan = names.tensor_plan(backbone)
+    sizes = weight_table.dimensions(backbone)
+    try:
+        check_gguf_tensors(gguf_file, plan)
+        for done, (name, weight, _, owner, shape) in enumerate(plan, start=1):
+            array = gguf_file.read(name)[: shape[0]]  # drops padded rows
+            if check_finite_values:
+                check_finite(array, name, gguf_file.path)
+            array = names.from_gguf(array, weight, sizes)
+            variable = weight.variable(owner)
+            fill(variable, as_assignable(array, variable.dtype))
+            del array
+            if progress is not None:
+                progress(done, len(plan), name)
+    finally:
+        # Built by `build_for_loading`: loaded (or discarded) either way.
+        forget_pending(backbone.weights)
+
+
+def load_gguf_backbone(
+    backbone_cls,
+    path,
+    load_weights=True,
+    progress=None,
+    check_finite_values=True,
+    **overrides,
+):
+    """Build `backbone_cls` from a Gemma 2 GGUF file and load its weights.
+
+    Args:
+        backbone_cls: `Gemma2Backbone` or a subclass.
+        path: string. The `.gguf` file.
+        load_weights: bool. Load the weights (else random initial ones).
+        progress: optional callable `progress(done, total, name)`.
+        check_finite_values: bool. Refuse NaN/Inf weights.
+        **overrides: constructor arguments replacing the file's (e.g.
+            `dtype`).
+    """
+    gguf_file = GGUFFile(path)
+    return _backbone(
+        backbone_cls,
+        gguf_file,
+        {**read_gguf_config(gguf_file), **overrides},
+        load_weights=load_weights,
+        progress=progress,
+        check_finite_values=check_finite_values,
+    )
+
+
+def _backbone(backbone_cls, gguf_file, config, **options):
+    """`backbone_cls(**config)` with the weights of `gguf_file` loaded.
+
+    `options` are `load_weights`, `progress` and `check_finite_values`.
+    """
+    if not options["load_weights"]:
+        return backbone_cls(**config)
+    backbone = build_for_loading(backbone_cls, config)
+    load_gguf_weights(
+        backbone,
+        gguf_file,
+        progress=options["progress"],
+        check_finite_values=options["check_finite_values"],
+    )
+    return backbone
+
+
+def load_gguf_causal_lm(
+    causal_lm_cls,
+    path,
+    load_weights=True,
+    progress=None,
+    check_finite_values=True,
+    **kwargs,
+):
+    """Build `causal_lm_cls` from a GGUF file: backbone and, if it has one, tokenizer.
+
+    The file is opened once; its vocabulary is rebuilt (and checked) before
+    any weight is read. As for other presets, `preprocessor=` (when given,
+    `None` included) replaces the file's; other `kwargs` override backbone
+    arguments (e.g. `dtype`).
+
+    Args:
+        causal_lm_cls: `Gemma2CausalLM` or a subclass.
+        path: string. The `.gguf` file.
+        load_weights: bool. Load the weights.
+        progress: optional callable `progress(done, total, name)`.
+        check_finite_values: bool. Refuse NaN/Inf weights.
+        **kwargs: `preprocessor`, or backbone constructor arguments.
+
+    Raises:
+        ValueError: the file is not a readable Gemma 2 GGUF (see `GGUFFile`,
+            `check_gguf_tensors`), or its vocabulary has more tokens than the
+            embedding has rows.
+    """
+    given = "preprocessor" in kwargs
+    preprocessor = kwargs.pop("preprocessor", None)
+    gguf_file = GGUFFile(path)
+    config = read_gguf_config(gguf_file)
+    preprocessor_cls = causal_lm_cls.preprocessor_cls
+    if not given and preprocessor_cls is not None:
+        preprocessor = _preprocessor(
+            preprocessor_cls, gguf_file, config["vocabulary_size"]
+        )
+    backbone = _backbone(
+        causal_lm_cls.backbone_cls,
+        gguf_file,
+        {**config, **kwargs},
+        load_weights=load_weights,
+        progress=progress,
+        check_finite_values=check_finite_values,
+    )
+    return causal_lm_cls(backbone=backbone, preprocessor=preprocessor)
+
+
+def _preprocessor(preprocessor_cls, gguf_file, rows):
+    """`preprocessor_cls` over the vocabulary of `gguf_file`, or `None` if none.
+
+    `rows` is the embedding's row count, which the vocabulary must not pass.
+    """
+    proto = read_gguf_tokenizer(gguf_file)
+    if proto is None:
+        return None
+    tokenizer = preprocessor_cls.tokenizer_cls(proto=proto)
+    if tokenizer.vocabulary_size() > rows:
+        raise ValueError(
+            f"The vocabulary in {gguf_file.path} has {tokenizer.vocabulary_size()} "
+            f"tokens, but `{names.tensor_name(weight_table.EMBEDDING)}` has only "
+            f"{rows} rows."
+        )
+    return preprocessor_cls(tokenizer=tokenizer)
