@@ -7,6 +7,9 @@ Three directory formats are recognised:
 - `"keras_hub_gemma"`: a KerasHub / Kaggle `GemmaBackbone` preset with the
   Gemma 2 settings;
 - `"transformers"`: a Hugging Face `config.json` + safetensors checkpoint.
+
+A path to a `.gguf` file (llama.cpp's format) loads through
+`keras_gemma2.checkpoints.gguf_import`.
 """
 
 import json
@@ -15,7 +18,7 @@ import os
 import keras
 import keras_hub
 
-from keras_gemma2.checkpoints import handles
+from keras_gemma2.checkpoints import gguf_import, handles
 from keras_gemma2.checkpoints.finite_check import (
     check_variables_finite,
     finite_check_enabled,
@@ -38,7 +41,10 @@ TRANSFORMERS = "transformers"
 
 
 def resolve_preset(preset):
-    """Return the local directory that `preset` names, downloading if it must."""
+    """Return the local directory (or `.gguf` file) that `preset` names.
+
+    Remote handles are downloaded first.
+    """
     if not isinstance(preset, (str, os.PathLike)):
         raise TypeError(
             "Received an invalid value for `preset`, expected a string or path. "
@@ -50,6 +56,10 @@ def resolve_preset(preset):
     scheme, _ = handles.split_handle(preset)
     if scheme is not None:
         return handles.resolve_handle(preset)
+    if gguf_import.is_gguf_file(preset):
+        if not os.path.isfile(preset):
+            raise FileNotFoundError(f"The GGUF file {preset} does not exist.")
+        return preset
     bundled = bundled_presets()
     if preset in bundled:
         return bundled[preset]["path"]
@@ -105,7 +115,7 @@ def load_backbone(
     Args:
         backbone_cls: `Gemma2Backbone` or a subclass.
         preset: string. A local preset directory (any of the three formats),
-            a remote handle, or a bundled preset name.
+            a `.gguf` file, a remote handle, or a bundled preset name.
         load_weights: bool. Load the preset's weights.
         progress: optional callable `progress(done, total, name)`, called per
             tensor when loading a Hugging Face checkpoint.
@@ -119,6 +129,15 @@ def load_backbone(
     """
     check = finite_check_enabled(check_finite)
     directory = resolve_preset(preset)
+    if gguf_import.is_gguf_file(directory):
+        return gguf_import.load_gguf_backbone(
+            backbone_cls,
+            directory,
+            load_weights=load_weights,
+            progress=progress,
+            check_finite_values=check,
+            **overrides,
+        )
     kind = preset_format(directory)
     if kind == TRANSFORMERS:
         config = {**read_hf_config(directory), **overrides}
@@ -223,6 +242,15 @@ def load_causal_lm(
     """
     _check_preprocessor(causal_lm_cls, kwargs.get("preprocessor"))
     directory = resolve_preset(preset)
+    if gguf_import.is_gguf_file(directory):
+        return gguf_import.load_gguf_causal_lm(
+            causal_lm_cls,
+            directory,
+            load_weights=load_weights,
+            progress=progress,
+            check_finite_values=finite_check_enabled(check_finite),
+            **kwargs,
+        )
     kind = preset_format(directory)
     if kind == KERAS_GEMMA2:
         kwargs = _keep_quantized_dtype(directory, kwargs)
