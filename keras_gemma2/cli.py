@@ -1,6 +1,9 @@
 """`keras-gemma2` command line: run, chat, convert, finetune, distill."""
 
 import argparse
+import importlib.util
+import json
+import logging
 import os
 import sys
 
@@ -79,6 +82,12 @@ def build_parser():
         command.add_argument("--seed", type=int, default=None)
         command.add_argument(
             "--backend", choices=("jax", "tensorflow", "torch"), default=None
+        )
+        command.add_argument(
+            "--no-compile-cache",
+            action="store_true",
+            help="compile afresh instead of reusing the backend's compiled "
+            f"programs from earlier runs (kept in {compile_cache_directory()})",
         )
     chat.add_argument(
         "--context-length",
@@ -205,6 +214,13 @@ def build_parser():
     distill.add_argument(
         "--backend", choices=("jax", "tensorflow", "torch"), default=None
     )
+    for command in commands.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show the backends' own logging (TensorFlow, XLA, CUDA "
+            f"probing; otherwise written to {backend_log_path()})",
+        )
     return parser
 
 
@@ -341,8 +357,6 @@ def make_sampler(args):
     """The `keras_hub` sampler the flags ask for."""
     import keras_hub
 
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0. Received: {args.temperature}")
     if args.temperature == 0:
         return keras_hub.samplers.GreedySampler()
     if args.top_p is not None:
@@ -354,11 +368,18 @@ def make_sampler(args):
     )
 
 
-def load_for_generation(args, err=None):
+def check_generation_arguments(args):
+    """Refuse bad `run`/`chat` numbers before any backend is imported."""
     if args.max_new_tokens < 1:
         raise ValueError(
             f"--max-new-tokens must be >= 1. Received: {args.max_new_tokens}"
         )
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0. Received: {args.temperature}")
+
+
+def load_for_generation(args, err=None):
+    check_generation_arguments(args)
     import keras
 
     from keras_gemma2.training.finetune import load_finetuned
@@ -490,8 +511,51 @@ def keep_recent_turns(messages, count_tokens, budget):
     return dropped
 
 
+# The Keras backends the commands offer, by the module each one imports.
+BACKEND_MODULES = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+
+
+# Imported by Keras at import when installed (`keras.visualization`), never
+# used to generate: `run` and `chat` start without them.
+GENERATION_NEEDS_NOT = ("matplotlib",)
+
+
+class BackendNotInstalled(Exception):
+    """The Keras backend `backend` cannot be imported (`detail` says why)."""
+
+    def __init__(self, backend, detail="is not installed"):
+        super().__init__(f"the {backend} backend {detail}")
+        self.backend = backend
+
+
+def compile_cache_directory():
+    """`$XDG_CACHE_HOME/keras_gemma2` (default `~/.cache/keras_gemma2`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "keras_gemma2")
+
+
+def configured_backend():
+    """The backend Keras will pick: `KERAS_BACKEND`, else keras.json's, else tf.
+
+    Read the way Keras reads it, without importing Keras.
+    """
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    directory = os.environ.get("KERAS_HOME")
+    if directory is None:
+        home = os.path.expanduser("~")
+        directory = os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(directory), "keras.json")) as file:
+            return json.load(file).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
 def _switch_backend(backend, argv):
-    """Re-run under `backend`: Keras fixes its backend when first imported.
+    """Re-run under `backend`: Keras, already imported, fixed another one.
 
     `backend` is argparse's value, so `--backend jax` and `--backend=jax`
     both count (scanning `argv` for the word `--backend` missed the second).
@@ -507,12 +571,139 @@ def _switch_backend(backend, argv):
         )
 
 
+def start_backend(args, argv):
+    """Pick, quiet and import the Keras backend before anything imports Keras.
+
+    Keras fixes its backend when first imported, and the backends read their
+    logging settings and cache flags from the environment then. So, in a
+    fresh process: name the backend in `KERAS_BACKEND`; without `--verbose`
+    silence TensorFlow/XLA's C++ logging; for `run` and `chat`, unless
+    `--no-compile-cache`, point the backend's persistent compilation cache
+    (jax: its compilation cache; tensorflow: XLA's persistent cache for
+    `jit_compile` functions; torch: inductor's cache, used by
+    `torch.compile`) at `compile_cache_directory()`; and on jax or torch
+    run as if TensorFlow were not installed. KerasHub imports TensorFlow
+    whenever it is installed (`keras_hub.src.utils.tensor_utils`, at
+    import, for any backend), seconds of start-up that generation on jax or
+    torch never uses; KerasHub supports TensorFlow's absence (its tokenizers
+    fall back to the `sentencepiece` package).
+
+    Where Keras is already imported (a caller's process), only re-run under
+    another backend when `--backend` asks for one.
+
+    Raises:
+        BackendNotInstalled: the backend's package is missing or fails to
+            import.
+    """
+    backend = getattr(args, "backend", None)
+    if "keras" in sys.modules:
+        if backend:
+            _switch_backend(backend, argv)
+        return
+    backend = backend or configured_backend()
+    module = BACKEND_MODULES.get(backend)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise BackendNotInstalled(backend)
+    os.environ["KERAS_BACKEND"] = backend
+    if not args.verbose:
+        divert_native_stderr()
+    generating = args.command in ("run", "chat")
+    cache = generating and not args.no_compile_cache
+    if cache:
+        _cache_environment(backend)
+    if generating and "keras_hub" not in sys.modules:
+        for name in GENERATION_NEEDS_NOT + (
+            ("tensorflow",) if backend != "tensorflow" else ()
+        ):
+            sys.modules.setdefault(name, None)
+    try:
+        import keras  # noqa: F401
+    except ImportError as error:
+        raise BackendNotInstalled(
+            backend, f"failed to import ({_one_line(error)})"
+        ) from error
+    if cache and backend == "jax":
+        _jax_compile_cache()
+    if not args.verbose:
+        _quiet_python_logging()
+
+
+def _cache_environment(backend):
+    """Point TensorFlow's or torch's persistent compilation cache at ours."""
+    directory = compile_cache_directory()
+    if backend == "tensorflow":
+        flags = os.environ.get("TF_XLA_FLAGS", "")
+        if "tf_xla_persistent_cache_directory" not in flags:
+            path = os.path.join(directory, "tensorflow_xla")
+            os.makedirs(path, exist_ok=True)
+            flags = f"{flags} --tf_xla_persistent_cache_directory={path}"
+            os.environ["TF_XLA_FLAGS"] = flags.strip()
+    elif backend == "torch":
+        os.environ.setdefault(
+            "TORCHINDUCTOR_CACHE_DIR", os.path.join(directory, "torchinductor")
+        )
+
+
+def _jax_compile_cache():
+    """JAX's persistent compilation cache, small programs included."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.join(compile_cache_directory(), "jax")
+        )
+    # Defaults keep only programs that took over a second to compile; the
+    # start-up is many small ones (parameter initializers, generation steps).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _quiet_python_logging():
+    """Errors only from the backends' Python loggers."""
+    for name in ("absl", "jax", "tensorflow", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def backend_log_path():
+    """Where `divert_native_stderr` writes: `backend.log` in the cache directory."""
+    return os.path.join(compile_cache_directory(), "backend.log")
+
+
+def divert_native_stderr():
+    """Native writes to stderr go to `backend_log_path()`; Python's stay.
+
+    TensorFlow, XLA, CUDA probing and sentencepiece log from C++ straight to
+    file descriptor 2, partly before any setting of theirs is read (TF 2.21
+    prints its oneDNN and CUDA notes whatever `TF_CPP_MIN_LOG_LEVEL` says).
+    So descriptor 2 becomes the log file (or the null device where it cannot
+    be written), and `sys.stderr`, which carries this command's messages,
+    warnings and tracebacks, keeps the terminal on a copy of the old one.
+    """
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    try:
+        os.makedirs(compile_cache_directory(), exist_ok=True)
+        log = os.open(backend_log_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = open(
+        terminal,
+        "w",
+        buffering=1,
+        encoding=sys.stderr.encoding,
+        errors=sys.stderr.errors,
+    )
+
+
 def main(argv=None):
     """Entry point of the `keras-gemma2` console script."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "backend", None):
-            _switch_backend(args.backend, argv)
+        if args.command in ("run", "chat"):
+            check_generation_arguments(args)
+        start_backend(args, argv)
         if args.command == "convert":
             convert(args)
         elif args.command == "run":
@@ -523,6 +714,12 @@ def main(argv=None):
             finetune(args)
         elif args.command == "distill":
             distill(args)
+    except BackendNotInstalled as error:
+        hint = ""
+        if error.backend in BACKEND_MODULES:
+            hint = f'; install it with pip install "keras-gemma2[{error.backend}]"'
+        print(f"keras-gemma2: error: {error}{hint}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         # User errors: one clear line, no traceback.
         print(f"keras-gemma2: error: {_one_line(error)}", file=sys.stderr)
