@@ -284,7 +284,7 @@ def test_tokenizer_round_trip_equals_sentencepiece(gguf_files):
     import sentencepiece
 
     path, _ = gguf_files["F32"]
-    causal_lm = Gemma2CausalLM.from_preset(path, load_weights=False)
+    causal_lm = Gemma2CausalLM.from_preset(path)
     tokenizer = causal_lm.preprocessor.tokenizer
     reference = sentencepiece.SentencePieceProcessor(model_file=PRESET_VOCABULARY)
     assert tokenizer.vocabulary_size() == VOCABULARY  # the [PAD] tokens dropped
@@ -309,7 +309,7 @@ def test_turn_markers_typed_control_still_tokenize_as_one_id(hf_model, tmp_path)
         hf_model,
         special_types={"<start_of_turn>": 3, "<end_of_turn>": 3},
     )
-    causal_lm = Gemma2CausalLM.from_preset(str(path), load_weights=False)
+    causal_lm = Gemma2CausalLM.from_preset(str(path))
     ids = np.asarray(causal_lm.preprocessor.tokenizer.tokenize(SAMPLE_TEXT[1]))
     assert int(ids[0]) == 106 and 107 in ids.tolist()
 
@@ -410,7 +410,7 @@ def test_suffix_in_any_case(gguf_files, tmp_path):
     source, _ = gguf_files["F32"]
     path = tmp_path / "MODEL.GGUF"
     shutil.copy(source, path)
-    backbone = Gemma2Backbone.from_preset(str(path), load_weights=False)
+    backbone = Gemma2Backbone.from_preset(str(path))
     assert backbone.vocabulary_size == VOCABULARY
 
 
