@@ -20,6 +20,10 @@ compiled once per shape for the backend:
   dwarfs short generations, so eager is the default.
 
 Between segments the host checks whether every row is done and stops early.
+
+Each program records the decode path it took in `decode_path` (see
+`DECODE_PATHS`), so a test can catch a model that silently falls back to
+the portable step run eagerly (`tests/generation/test_decode_paths.py`).
 """
 
 import itertools
@@ -37,6 +41,25 @@ from keras_gemma2.generation.decode import (
     step_with_prefix,
 )
 
+# What `GenerationProgram.decode_path` holds after a call.
+DECODE_PATHS = {
+    "jax_jit": "the phases compiled with `jax.jit`",
+    "tensorflow_xla": "the phases compiled with `tf.function(jit_compile=True)`",
+    "torch_decoder": "`torch_decode.TorchDecoder`, eager",
+    "torch_decoder_compiled": "`torch_decode.TorchDecoder`, through `torch.compile`",
+    "portable_eager": "the portable phases (Keras layers), run eagerly",
+}
+
+
+def compiled_path(causal_lm):
+    """The `DECODE_PATHS` key of what `compile_function` makes of a phase."""
+    backend = keras.config.backend()
+    if causal_lm.run_eagerly:
+        return "portable_eager"
+    return {"jax": "jax_jit", "tensorflow": "tensorflow_xla"}.get(
+        backend, "portable_eager"
+    )
+
 
 class GenerationProgram:
     """Compiled phases of generation for one prefill length and stop tokens.
@@ -45,12 +68,17 @@ class GenerationProgram:
         causal_lm: a `Gemma2CausalLM` with a compiled `sampler`.
         stop_token_ids: tuple of ints or `None`.
         prefill_length: static int, the prompts' bucketed length.
+
+    Attributes:
+        decode_path: `None` until called, then the `DECODE_PATHS` key of the
+            path the last call decoded with.
     """
 
     def __init__(self, causal_lm, stop_token_ids, prefill_length):
         self.causal_lm = causal_lm
         self.stop_token_ids = stop_token_ids
         self.prefill_length = prefill_length
+        self.decode_path = None
         self._compiled = {}
 
     def _phase(self, key, function):
@@ -74,7 +102,10 @@ class GenerationProgram:
                 state, decoder = torch_decode.start(
                     self.causal_lm, token_ids, padding_mask, self.prefill_length
                 )
+            compiled = torch_decode.compiles(self.causal_lm)
+            self.decode_path = "torch_decoder" + ("_compiled" if compiled else "")
         else:
+            self.decode_path = compiled_path(self.causal_lm)
             run = self._phase(
                 "prefill",
                 lambda args: prefill(self.causal_lm, *args, self.prefill_length),

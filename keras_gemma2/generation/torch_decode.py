@@ -19,8 +19,13 @@ choice of the next token from `decode.choose_token`.
 `tests/generation/test_torch_decode.py` holds the decoder to the portable
 path in float32 and bfloat16 on several configs.
 
-`supports(causal_lm)` says when it applies: the torch backend and no
-quantized layer; otherwise the portable decode step runs eagerly.
+int8 layers (`Gemma2CausalLM.quantize("int8")`, QLoRA adapters included)
+are multiplied from their int8 codes with torch's int8 kernels
+(`torch_int8.Int8Matrix`); nothing dequantizes a whole kernel.
+
+`supports(causal_lm)` says when it applies: the torch backend, not
+`run_eagerly`, and no layer that `unsupported_layers` names (int4 layers);
+otherwise the portable decode step runs eagerly.
 `compiles(causal_lm)` says when the step runs through `torch.compile`.
 """
 
@@ -32,23 +37,46 @@ from keras import ops
 
 from keras_gemma2.generation import decode
 from keras_gemma2.generation.kv_cache import empty_cache, ring_positions, ring_size
+from keras_gemma2.generation.torch_int8 import Int8Matrix, products
 from keras_gemma2.layers import gemma2_math as math
 from keras_gemma2.layers.torch_ops import TORCH_OPS
 from keras_gemma2.models import weight_table
 from keras_gemma2.models.architecture import layer_is_local
+from keras_gemma2.models.quantization import weight_layer
 
 
 def supports(causal_lm):
     """Whether `TorchDecoder` can decode for `causal_lm`."""
     if keras.config.backend() != "torch" or causal_lm.run_eagerly:
         return False
+    return not unsupported_layers(causal_lm)
+
+
+def unsupported_layers(causal_lm):
+    """`{layer path: reason}` for the layers `TorchDecoder` cannot multiply.
+
+    Float and int8 layers (with or without a `keras_gemma2` LoRA adapter)
+    it can; int4 layers, and Keras' own adapters on int8 layers, it cannot.
+    """
     backbone = causal_lm.backbone
-    layers = [backbone.token_embedding]
+    layers = [(backbone, weight_table.EMBEDDING)]
     for block in backbone.transformer_layers:
-        attention, ffw = block.attention, block.ffw
-        layers += [attention.query_dense, attention.key_dense, attention.value_dense]
-        layers += [attention.output_dense, ffw.gate_dense, ffw.up_dense, ffw.down_dense]
-    return not any(getattr(layer, "quantization_mode", None) for layer in layers)
+        layers += [
+            (block, w) for w in weight_table.BLOCK_WEIGHTS if not w.is_norm_scale
+        ]
+    reasons = {}
+    for owner, weight in layers:
+        layer = weight_layer(weight, owner)
+        mode = getattr(layer, "quantization_mode", None)
+        if mode not in (None, "int8"):
+            reasons[layer.path] = f"quantization_mode={mode!r}"
+        elif (
+            mode == "int8"
+            and getattr(layer, "lora_enabled", False)
+            and not hasattr(layer, "_lora_update")
+        ):
+            reasons[layer.path] = "a Keras LoRA adapter over int8 weights"
+    return reasons
 
 
 def compiles(causal_lm):
@@ -121,16 +149,25 @@ def _tensor(variable, dtype):
 def _weights(owner, weights, sizes, dtype):
     """`{weight.name: tensor}`, each in the decoder's matrix layout.
 
-    Norm scales become float32 gains `1 + scale` (with their epsilon).
+    Norm scales become float32 gains `1 + scale` (with their epsilon); int8
+    layers an `Int8Matrix` over their codes (the embedding: its table, read
+    as the head `[hidden, vocabulary]`).
     """
     tensors = {}
     for weight in weights:
-        tensor = _tensor(weight.variable(owner), dtype)
-        if weight.is_norm_scale:
-            layer = getattr(owner, weight.attribute[0])
+        layer = weight_layer(weight, owner)
+        shape = weight_table.shape(weight.matrix_axes, sizes)
+        if getattr(layer, "quantization_mode", None) == "int8":
+            torch_dtype = TORCH_OPS.cast(0, dtype).dtype
+            if weight is weight_table.EMBEDDING:
+                tensor = Int8Matrix.of_embedding(layer, torch_dtype)
+            else:
+                tensor = Int8Matrix.of_dense(layer, shape, torch_dtype)
+        elif weight.is_norm_scale:
+            tensor = _tensor(weight.variable(owner), dtype)
             tensor = (1.0 + tensor.float(), layer.epsilon)
         else:
-            tensor = tensor.reshape(weight_table.shape(weight.matrix_axes, sizes))
+            tensor = _tensor(weight.variable(owner), dtype).reshape(shape)
         tensors[weight.name] = tensor
     return tensors
 
@@ -187,17 +224,17 @@ class TorchDecoder:
             backbone, (weight_table.EMBEDDING, weight_table.FINAL_NORM), sizes, dtype
         )
         self.embeddings, self.final_norm = own["token_embedding"], own["final_norm"]
-        self.dtype = self.embeddings.dtype
+        self.dtype = TORCH_OPS.cast(0, dtype).dtype
         self.embedding_scale = math.embedding_scale(
             backbone.hidden_dim, self.dtype, TORCH_OPS
-        ).to(self.embeddings.device)
+        ).to(caches[0][0].device)
         self.final_cap = backbone.final_logit_soft_cap
         self.kv_heads, self.head_dim = backbone.num_key_value_heads, backbone.head_dim
         self.groups = backbone.num_query_heads // self.kv_heads
         self.ring = caches[0][0].shape[2]  # layer 0 is local
         self.inverse_frequencies = math.rope_inverse_frequencies(
             self.head_dim, backbone.rope_max_wavelength, TORCH_OPS
-        ).to(self.embeddings.device)
+        ).to(caches[0][0].device)
 
     def _rotation(self, position):
         """RoPE `(cos, signed_sin)` `[..., H]` at `position` (int or tensor)."""
@@ -217,21 +254,40 @@ class TorchDecoder:
 
         h = _rms_norm(x, layer.pre_attention_norm)
         heads = tuple(x.shape[:-1]) + (-1, self.head_dim)
-        query = (h @ layer.query).view(heads)  # [..., N, H]
-        key = (h @ layer.key).view(heads)  # [..., K, H]
+        query, key, value = products(h, layer.query, layer.key, layer.value)
+        query = query.view(heads)  # [..., N, H]
+        key = key.view(heads)  # [..., K, H]
         # Queries and keys rotate together: one set of kernels, not two.
         query, key = math.rope_rotate(
             torch.cat([query, key], dim=-2), rotation, TORCH_OPS
         ).split([query.shape[-2], key.shape[-2]], dim=-2)
-        value = (h @ layer.value).view(heads)
-        return query * layer.scale, key, value
+        return query * layer.scale, key, value.view(heads)
 
     def _block_output(self, layer, x, attended):
         """The block after attention: `x [..., D]`, `attended [..., N * H]`."""
-        x = x + _rms_norm(attended @ layer.output, layer.post_attention_norm)
+        (output,) = products(attended, layer.output)
+        x = x + _rms_norm(output, layer.post_attention_norm)
         h = _rms_norm(x, layer.pre_ffw_norm)
-        gated = math.geglu(h @ layer.gate, h @ layer.up, TORCH_OPS)
-        return x + _rms_norm(gated @ layer.down, layer.post_ffw_norm)
+        gated = math.geglu(*products(h, layer.gate, layer.up), TORCH_OPS)
+        (down,) = products(gated, layer.down)
+        return x + _rms_norm(down, layer.post_ffw_norm)
+
+    def _embed(self, token_ids):
+        """Scaled embeddings `[..., D]` of `token_ids [...]`."""
+        if isinstance(self.embeddings, Int8Matrix):
+            rows = self.embeddings.lookup(token_ids)
+        else:
+            rows = self.embeddings[token_ids]
+        return rows * self.embedding_scale
+
+    def _logits(self, x):
+        """Soft-capped logits `[B, vocabulary]` of the final hidden `x [B, D]`."""
+        x = _rms_norm(x, self.final_norm)
+        if isinstance(self.embeddings, Int8Matrix):
+            (logits,) = products(x, self.embeddings)
+        else:
+            logits = x @ self.embeddings.T
+        return math.soft_cap(logits, self.final_cap, TORCH_OPS)
 
     def _attend(self, layer, query, keys, values, valid=None):
         """`query [B, K, G, H]` over `keys, values [B, K, S, H]`; `valid [S]`.
@@ -259,7 +315,7 @@ class TorchDecoder:
                 f"`token_ids` has {length} positions; TorchDecoder.write_prompt "
                 f"takes at most the ring's {self.ring}."
             )
-        x = self.embeddings[token_ids] * self.embedding_scale  # [B, L, D]
+        x = self._embed(token_ids)  # [B, L, D]
         positions = torch.arange(length, device=x.device)
         rotation = self._rotation(positions[:, None])  # [L, 1, H] each
         for layer, (key_cache, value_cache) in zip(
@@ -302,7 +358,7 @@ class TorchDecoder:
         import torch
 
         batch = token.shape[0]
-        x = self.embeddings[token] * self.embedding_scale  # [B, D]
+        x = self._embed(token)  # [B, D]
         if global_span is None:
             # Slot s of a ring holds position s until the ring wraps, so a
             # local layer reads the written prefix, as a global one does;
@@ -334,8 +390,7 @@ class TorchDecoder:
                 valid[0] if local else valid[1],
             )
             x = self._block_output(layer, x, attended.reshape(batch, -1))
-        x = _rms_norm(x, self.final_norm)
-        return math.soft_cap(x @ self.embeddings.T, self.final_cap, TORCH_OPS)
+        return self._logits(x)
 
     def _compiled(self, token, position, global_span):
         """`append` through the compiled program; eager if it cannot compile."""

@@ -361,6 +361,18 @@ def _leaf_layers(backbone):
     ]
 
 
+def weight_layer(weight, owner):
+    """The layer holding `weight` (a `weight_table` row) in `owner`.
+
+    `owner` is the backbone or the decoder block that the row's
+    `attribute` path starts from.
+    """
+    layer = owner
+    for name in weight.attribute[:-1]:
+        layer = getattr(layer, name)
+    return layer
+
+
 def float_weight(weight, owner):
     """The float32 value of one weight, dequantized when its layer is quantized.
 
@@ -376,9 +388,7 @@ def float_weight(weight, owner):
     Returns:
         A numpy array in the variable's layout (`weight.axes`).
     """
-    layer = owner
-    for name in weight.attribute[:-1]:
-        layer = getattr(layer, name)
+    layer = weight_layer(weight, owner)
     if getattr(layer, "quantization_mode", None) is None:
         return keras.ops.convert_to_numpy(weight.variable(owner))
     return dequantize(layer)

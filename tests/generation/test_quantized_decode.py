@@ -3,8 +3,9 @@
 `backbone.quantize("int8")` quantizes the embedding and every projection. The
 references are the quantized model's own full forward pass (`__call__`, no
 cache: each greedy token must be the argmax over its prefix) and the float
-model's logits before quantizing. On torch a quantized model leaves the raw
-`TorchDecoder` path for the portable layers; the same checks hold there.
+model's logits before quantizing. On torch the int8 model decodes with
+`TorchDecoder`'s int8 kernels (`tests/generation/test_int8_decode.py` holds
+them to the layers position by position); the same checks hold there.
 """
 
 import keras
@@ -23,6 +24,16 @@ def full_logits(causal_lm, token_ids):
     """Uncached logits `[B, T, V]` of one forward pass over `token_ids`."""
     inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
     return ops.convert_to_numpy(causal_lm(inputs))
+
+
+def padded_prompts(prompts, max_length):
+    """`{"token_ids", "padding_mask"}` int32 `[len(prompts), max_length]`."""
+    token_ids = np.zeros((len(prompts), max_length), "int32")
+    padding_mask = np.zeros_like(token_ids)
+    for row, prompt in enumerate(prompts):
+        token_ids[row, : len(prompt)] = prompt
+        padding_mask[row, : len(prompt)] = 1
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +60,14 @@ def test_every_projection_is_int8(quantized):
     assert {name: layer.quantization_mode for name, layer in layers.items()} == {
         name: "int8" for name in layers
     }
-    assert not torch_decode.supports(causal_lm)
+    assert torch_decode.supports(causal_lm) == (keras.config.backend() == "torch")
 
 
 def test_greedy_generate_is_the_argmax_of_full_passes(quantized):
     causal_lm, _, _ = quantized
     causal_lm.compile(sampler="greedy")
-    token_ids = np.zeros((len(PROMPTS), MAX_LENGTH), "int32")
-    padding_mask = np.zeros_like(token_ids)
-    for row, prompt in enumerate(PROMPTS):
-        token_ids[row, : len(prompt)] = prompt
-        padding_mask[row, : len(prompt)] = 1
     outputs = causal_lm.generate(
-        {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
+        padded_prompts(PROMPTS, MAX_LENGTH), stop_token_ids=None
     )
     generated = ops.convert_to_numpy(outputs["token_ids"])
     for row, prompt in enumerate(PROMPTS):

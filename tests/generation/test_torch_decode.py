@@ -198,13 +198,6 @@ def test_generate_uses_it_and_leaves_the_inputs_alone(monkeypatch):
     np.testing.assert_array_equal(token_ids, before)
 
 
-def test_quantized_models_are_left_to_the_portable_path():
-    causal_lm = make_causal_lm()
-    assert torch_decode.supports(causal_lm)
-    causal_lm.backbone.quantize("int8")
-    assert not torch_decode.supports(causal_lm)
-
-
 # Each differs from TINY_BACKBONE_CONFIG (GQA 2, caps on, scalar 12 with
 # head_dim 16) where the decoder's arithmetic could go wrong on its own.
 CONFIGS = {

@@ -1,0 +1,178 @@
+"""int8 projections of `TorchDecoder`: Keras' own codes, torch's int8 kernels.
+
+A layer quantized by `Gemma2CausalLM.quantize("int8")` holds int8 codes and
+a float scale per output channel (`w = codes / scale`). `Int8Matrix` reads
+them in place (a reshaped view, never a float copy) and multiplies the way
+the layer's forward does:
+
+- Projections quantize their input per row to int8 (Keras' default
+  `AbsMaxQuantizer`): the same rounding here, then `torch._int_mm` (int8
+  x int8 -> int32) on the layer's `[in, out]` codes, then one division by
+  both scales, so the product equals the layer's to float rounding.
+- Weight-only layers (the tied output head under every `quantize` scheme):
+  where the codes are `[out, in]` rows (the embedding table), torch's
+  weight-only kernel `torch.ops.aten._weight_int8pack_mm` on bfloat16
+  activations; its float32 variant was 10-50x slower than a float32 matmul
+  (2 CPU cores). A float32 model's head then rounds its input and output
+  to bfloat16: `tests/generation/test_int8_decode.py` states the logit
+  tolerance this costs. Other weight-only codes are multiplied as floats,
+  converted per call, as Keras' own torch path does.
+
+A QLoRA adapter (`keras_gemma2.training.lora`) adds its low-rank product.
+"""
+
+import functools
+
+
+@functools.cache
+def _torch():
+    import torch
+
+    return torch
+
+
+def quantize_rows(x, quantizer):
+    """`(codes int8, scale)` of `x [..., in]`, one scale per row.
+
+    Keras' `abs_max_quantize` (the `AbsMaxQuantizer` of an int8 layer) in
+    the same order of operations and dtype: `scale = high / (max |x| +
+    epsilon)`, codes `clip(round(x * scale))`.
+    """
+    torch = _torch()
+    low, high = quantizer.value_range
+    # `torch.divide`, not `high / tensor`: torch computes the latter as
+    # `reciprocal * high`, rounding twice in bfloat16.
+    scale = torch.divide(high, x.abs().amax(dim=-1, keepdim=True) + quantizer.epsilon)
+    codes = torch.clamp(torch.round(x * scale.to(x.dtype)), low, high)
+    return codes.to(torch.int8), scale.to(x.dtype)
+
+
+class Int8Matrix:
+    """One int8 projection, multiplied without a dequantized copy.
+
+    Args:
+        codes: int8 `[in, out]` tensor (a view of the layer's variable).
+        scale: float `[out]`, Keras' scale (`w = codes / scale`).
+        quantizer: the layer's activation quantizer, or `None` (weight-only).
+        dtype: torch dtype of the products (the model's compute dtype).
+        lora: `None`, or `(a [in, rank], b [rank, out], factor)`.
+    """
+
+    def __init__(self, codes, scale, quantizer, dtype, lora=None):
+        torch = _torch()
+        self.codes = codes
+        self.scale = scale
+        self.quantizer = quantizer
+        self.dtype = dtype
+        self.lora = lora
+        rows = codes.T  # [out, in]
+        self.packed = None
+        if quantizer is None and rows.is_contiguous():
+            self.packed = rows
+            self.ones = torch.ones(rows.shape[0], dtype=torch.bfloat16)
+
+    @classmethod
+    def of_dense(cls, layer, shape, dtype):
+        """The matrix `[in, out]` (`shape`) of an int8 `EinsumDense`."""
+        from keras import ops
+
+        codes = ops.convert_to_tensor(layer._kernel).detach().reshape(shape)
+        # Keras keeps the scale in the output's layout; flat, it is `[out]`.
+        scale = ops.convert_to_tensor(layer.kernel_scale).detach().reshape(-1)
+        if scale.shape[0] != shape[1]:
+            raise ValueError(
+                f"Layer {layer.name!r} has {scale.shape[0]} int8 scales; "
+                f"TorchDecoder expects one per output channel ({shape[1]})."
+            )
+        lora = None
+        if hasattr(layer, "_lora_update"):  # keras_gemma2.training.lora
+            a = ops.convert_to_tensor(layer.lora_kernel_a).detach()
+            b = ops.convert_to_tensor(layer.lora_kernel_b).detach()
+            lora = (a, b, layer.lora_alpha / layer.lora_rank)
+        return cls(codes, scale, layer.inputs_quantizer, dtype, lora)
+
+    @classmethod
+    def of_embedding(cls, layer, dtype):
+        """The tied head `[hidden, vocabulary]` of an int8 embedding layer."""
+        from keras import ops
+
+        codes = ops.convert_to_tensor(layer._embeddings).detach()  # [V, D]
+        scale = ops.convert_to_tensor(layer.embeddings_scale).detach()  # [V]
+        return cls(codes.T, scale, layer.inputs_quantizer, dtype)
+
+    def lookup(self, token):
+        """Embedding rows of `token [...]`: `[..., hidden]`, as Keras looks up."""
+        rows = self.codes.T[token].to(self.dtype)
+        return rows / self.scale[token].unsqueeze(-1)
+
+
+def products(x, *matrices):
+    """`x @ matrix` for each of `matrices` (`Int8Matrix` or tensors).
+
+    The int8 ones that quantize their input share one quantization of `x`
+    (query, key and value read the same rows; so do gate and up). Results
+    take the dtypes the Keras layers' products take.
+    """
+    torch = _torch()
+    rows = x.reshape(-1, x.shape[-1])  # [M, in]
+    quantized = {}
+    results = []
+    for matrix in matrices:
+        if not isinstance(matrix, Int8Matrix):
+            results.append(x @ matrix)
+            continue
+        if matrix.quantizer is not None:
+            key = tuple(matrix.quantizer.value_range), matrix.quantizer.epsilon
+            if key not in quantized:
+                quantized[key] = quantize_rows(rows, matrix.quantizer)
+            codes, scale = quantized[key]
+            product = torch._int_mm(codes, matrix.codes).to(matrix.dtype)
+            product = product / (scale * matrix.scale)
+        else:
+            product = _weight_only_product(rows, matrix)
+        if matrix.lora is not None:
+            a, b, factor = matrix.lora
+            update = ((rows.to(a.dtype) @ a) @ b * factor).to(matrix.dtype)
+            product = product + update
+        results.append(product.reshape(*x.shape[:-1], -1))
+    return results
+
+
+class _RowQuantizer:
+    """Per-row int8 rounding of the residual splits (Keras' defaults)."""
+
+    value_range = (-127, 127)
+    epsilon = 1e-7
+
+
+def _weight_only_product(rows, matrix):
+    """`rows [M, in] @ matrix` for a layer that keeps its input in float.
+
+    Keras multiplies the float input by the dequantized kernel. Here:
+
+    - bfloat16 input: torch's weight-only int8 kernel (bfloat16 out).
+    - float32 input, codes `[out, in]` rows: the input as a sum of three
+      int8 terms (each rounding the residual of the ones before, so the
+      sum carries ~21 bits, float32's 24 less the last rounding) in one
+      `torch._int_mm` call of `3 M` rows: int8 bytes read once, the
+      exact int32 products recombined in float32.
+    - otherwise (codes `[in, out]`, weight-only by the user's config): the
+      kernel converted per call, as Keras' torch path does.
+    """
+    torch = _torch()
+    dtype = matrix.dtype
+    if matrix.packed is not None and rows.dtype == torch.bfloat16:
+        product = torch.ops.aten._weight_int8pack_mm(rows, matrix.packed, matrix.ones)
+        return product.to(dtype) / matrix.scale
+    if matrix.packed is not None and rows.dtype == torch.float32:
+        terms, scales, residual = [], [], rows
+        for _ in range(3):
+            codes, scale = quantize_rows(residual, _RowQuantizer)
+            residual = residual - codes.to(rows.dtype) / scale
+            terms.append(codes)
+            scales.append(scale)
+        parts = torch._int_mm(torch.cat(terms), matrix.codes).to(dtype)
+        parts = parts.view(3, rows.shape[0], -1)  # [3, M, out]
+        product = parts[0] / scales[0] + parts[1] / scales[1] + parts[2] / scales[2]
+        return product / matrix.scale
+    return rows.to(dtype) @ (matrix.codes.to(dtype) / matrix.scale)
