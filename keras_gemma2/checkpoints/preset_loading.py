@@ -20,8 +20,8 @@ import keras_hub
 
 from keras_gemma2.checkpoints import gguf_import, handles
 from keras_gemma2.checkpoints.finite_check import (
-    check_variables_finite,
     finite_check_enabled,
+    store_check,
 )
 from keras_gemma2.checkpoints.hf_checkpoint import (
     build_for_loading,
@@ -169,9 +169,8 @@ def load_backbone(
     # scheme the causal LM recorded (a causal LM restores both itself).
     restore_quantization(backbone, _task_quantization(directory))
     if load_weights:
-        _load_preset_weights(backbone, directory)
-        if check:
-            check_variables_finite(backbone, _weights_file(directory))
+        with store_check(check):  # scanned before Keras assigns a value
+            _load_preset_weights(backbone, directory)
     return backbone
 
 
@@ -259,16 +258,17 @@ def load_causal_lm(
         own_loading = load_weights and not os.path.isfile(
             os.path.join(directory, "task.weights.h5")
         )
-        causal_lm = keras_hub.models.CausalLM.from_preset.__func__(
-            causal_lm_cls,
-            directory,
-            load_weights=load_weights and not own_loading,
-            **kwargs,
-        )
-        if own_loading:
-            _load_preset_weights(causal_lm.backbone, directory)
-        if load_weights and finite_check_enabled(check_finite):
-            check_variables_finite(causal_lm, _weights_file(directory))
+        # NaN/Inf are refused before Keras assigns a value (the backbone's
+        # `load_own_variables` scans its part of the weights file).
+        with store_check(finite_check_enabled(check_finite)):
+            causal_lm = keras_hub.models.CausalLM.from_preset.__func__(
+                causal_lm_cls,
+                directory,
+                load_weights=load_weights and not own_loading,
+                **kwargs,
+            )
+            if own_loading:
+                _load_preset_weights(causal_lm.backbone, directory)
         return causal_lm
     given = "preprocessor" in kwargs
     preprocessor = kwargs.pop("preprocessor", None)

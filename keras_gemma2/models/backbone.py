@@ -261,6 +261,31 @@ class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
         hidden_states = self.final_norm(x)
         return hidden_states, None if cache is None else tuple(new_cache)
 
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Load weights from a file; NaN/Inf values are refused first.
+
+        Keras' `load_weights`, after scanning the file: a tensor holding
+        NaN or Inf raises a `ValueError` naming the file and the tensor, and
+        the model keeps its weights. `KERAS_GEMMA2_CHECK_FINITE=0` turns the
+        scan off.
+        """
+        from keras_gemma2.checkpoints.finite_check import checked_weights_file
+
+        with checked_weights_file(filepath):
+            super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
+    def load_own_variables(self, store):
+        """Refuse NaN/Inf weights before Keras assigns any (`.keras` files).
+
+        `keras.models.load_model` and `load_weights` call this before any
+        sublayer reads its values, so the whole backbone's part of the file
+        is scanned here first. `KERAS_GEMMA2_CHECK_FINITE=0` turns it off.
+        """
+        from keras_gemma2.checkpoints.finite_check import check_keras_store_finite
+
+        check_keras_store_finite(self, store)
+        super().load_own_variables(store)
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -656,6 +656,16 @@ class Gemma2CausalLM(
 
         return load_causal_lm(cls, preset, load_weights=load_weights, **kwargs)
 
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras' `load_weights`, refusing NaN/Inf values before any is assigned.
+
+        See `Gemma2Backbone.load_weights`.
+        """
+        from keras_gemma2.checkpoints.finite_check import checked_weights_file
+
+        with checked_weights_file(filepath):
+            super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
     def save_to_preset(self, preset_dir, max_shard_size=5, overwrite=False):
         """Save backbone, task and preprocessor to a preset directory, atomically.
 

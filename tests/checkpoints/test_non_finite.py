@@ -126,18 +126,85 @@ def test_keras_hub_preset_with_inf_is_refused(tmp_path, monkeypatch):
     )
 
 
+def _h5_non_finite_datasets(path):
+    """Names of the datasets of `path` (an .h5 file) holding NaN or Inf, by h5py."""
+    import h5py
+
+    found = []
+
+    def visit(name, item):
+        if not isinstance(item, h5py.Dataset):
+            return
+        values = np.asarray(item[()])
+        if item.attrs.get("dtype") == "bfloat16":
+            values = values.view(ml_dtypes.bfloat16)
+        if values.dtype.kind in "fV" and not np.isfinite(values.astype("f4")).all():
+            found.append(name)
+
+    with h5py.File(path, "r") as file:
+        file.visititems(visit)
+    return found
+
+
+def _poisoned_backbone(dtype="float32", bad=np.nan, index=5):
+    """A random tiny backbone with one `bad` value in its `index`-th weight."""
+    backbone = randomize_weights(Gemma2Backbone(**TINY_BACKBONE_CONFIG, dtype=dtype))
+    variable = backbone.weights[index]
+    value = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
+    value.reshape(-1)[-1] = bad
+    variable.assign(value)
+    return backbone
+
+
 def test_our_preset_with_nan_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
-    backbone = randomize_weights(Gemma2Backbone(**TINY_BACKBONE_CONFIG))
-    variable = backbone.weights[-1]
-    value = keras.ops.convert_to_numpy(variable)
-    value.reshape(-1)[-1] = np.nan
-    variable.assign(value)
+    backbone = _poisoned_backbone(index=-1)
     preset = str(tmp_path / "ours")
     Gemma2CausalLM(backbone).save_to_preset(preset)
 
     weights = os.path.join(preset, "model.weights.h5")
-    names = [variable.path, weights, "1 NaN"]
+    (bad,) = _h5_non_finite_datasets(weights)
+    names = [bad, weights, "1 NaN"]
     _assert_refused(lambda: Gemma2Backbone.from_preset(preset), names)
     _assert_refused(lambda: Gemma2CausalLM.from_preset(preset), names)
     _assert_all_logits_nan(Gemma2CausalLM.from_preset(preset, check_finite=False))
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "0")
+    _assert_all_logits_nan(Gemma2CausalLM.from_preset(preset))
+    # The argument wins over the environment.
+    _assert_refused(lambda: Gemma2CausalLM.from_preset(preset, check_finite=True), [])
+
+
+def test_keras_file_with_nan_is_refused_by_load_model(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    path = str(tmp_path / "model.keras")
+    Gemma2CausalLM(_poisoned_backbone()).save(path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    (bad,) = _h5_non_finite_datasets(tmp_path / "model.weights.h5")
+
+    _assert_refused(
+        lambda: keras.models.load_model(path), [bad, "model.weights.h5", "1 NaN"]
+    )
+    target = Gemma2CausalLM(randomize_weights(Gemma2Backbone(**TINY_BACKBONE_CONFIG)))
+    before = [keras.ops.convert_to_numpy(v) for v in target.weights]
+    _assert_refused(lambda: target.load_weights(path), [bad, path])
+    for variable, value in zip(target.weights, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "0")
+    _assert_all_logits_nan(keras.models.load_model(path))
+
+
+def test_load_weights_with_inf_leaves_the_model_unchanged(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    path = str(tmp_path / "bad.weights.h5")
+    _poisoned_backbone("bfloat16", bad=np.inf, index=3).save_weights(path)
+    (bad,) = _h5_non_finite_datasets(path)
+
+    target = randomize_weights(Gemma2Backbone(**TINY_BACKBONE_CONFIG, dtype="bfloat16"))
+    before = [keras.ops.convert_to_numpy(v) for v in target.weights]
+    _assert_refused(lambda: target.load_weights(path), [bad, path, "1 Inf"])
+    for variable, value in zip(target.weights, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
