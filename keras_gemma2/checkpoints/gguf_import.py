@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from keras_gemma2.checkpoints import gguf_header
 from keras_gemma2.checkpoints import gguf_names as names
 from keras_gemma2.checkpoints.finite_check import check_finite
 from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
@@ -27,13 +28,10 @@ from keras_gemma2.models import weight_table
 from keras_gemma2.models.chat_template import END_OF_TURN, START_OF_TURN
 
 GGUF_SUFFIX = ".gguf"
-_MAGIC = b"GGUF"
 # Gemma's tokenizer.model has the turn markers as user-defined pieces, so their
 # literal text maps to one id; llama.cpp's converter may type them CONTROL.
 _TURN_PIECES = (START_OF_TURN, END_OF_TURN)
 # `tokenizer.ggml.*_token_id` key -> the SentencePiece trainer field it sets.
-# What `gguf.GGUFReader` raises on a header cut short or garbled.
-_UNREADABLE = (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError)
 _REMOVE_EXTRA_WHITESPACES = "tokenizer.ggml.remove_extra_whitespaces"
 _SPECIAL_IDS = {
     names.UNKNOWN_ID: "unk",
@@ -56,24 +54,18 @@ def is_gguf_file(preset):
     ).lower().endswith(GGUF_SUFFIX)
 
 
-def _reader_types():
-    """The `gguf` types we read, imported on first use."""
-    from gguf import GGMLQuantizationType
-
-    return {
-        GGMLQuantizationType.F32: "F32",
-        GGMLQuantizationType.F16: "F16",
-        GGMLQuantizationType.BF16: "BF16",
-        GGMLQuantizationType.Q8_0: "Q8_0",
-    }
+# GGML type names we read -> numpy dtype of the stored values (Q8_0: blocks
+# of a float16 scale and 32 int8 values, dequantised by the `gguf` package).
+_READ_TYPES = {"F32": "<f4", "F16": "<f2", "BF16": "bfloat16", "Q8_0": None}
 
 
 class GGUFFile:
-    """An opened, checked GGUF file: its metadata and its tensors.
+    """An opened, checked GGUF file: its metadata and its tensor table.
 
-    Opening reads the header only; tensor data stays memory-mapped until
-    `read` is called. The magic, the header, every tensor's extent in the
-    file and `general.architecture == "gemma2"` are checked here.
+    Opening parses the header (`gguf_header.read_header`); tensor data stays
+    memory-mapped until `read` is called. The magic, the header, every
+    tensor's extent in the file and `general.architecture == "gemma2"` are
+    checked here.
 
     Args:
         path: string. Path to the `.gguf` file.
@@ -82,6 +74,13 @@ class GGUFFile:
         FileNotFoundError: no file at `path`.
         ValueError: the file is not GGUF (bad magic), is truncated or
             corrupt, or describes another architecture.
+
+    Example:
+
+    ```python
+    gguf_file = GGUFFile("gemma-2-2b-it-Q8_0.gguf")
+    read_gguf_config(gguf_file)["num_layers"]  # 26
+    ```
     """
 
     def __init__(self, path):
@@ -90,33 +89,27 @@ class GGUFFile:
             raise FileNotFoundError(f"The GGUF file {self.path} does not exist.")
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as file:
-            magic = file.read(len(_MAGIC))
-        if magic != _MAGIC:
+            magic = file.read(len(gguf_header.MAGIC))
+        if magic != gguf_header.MAGIC:
             raise ValueError(
                 f"{self.path} is not a GGUF file: it starts with {magic!r}, "
-                f"expected the magic {_MAGIC!r}."
+                f"expected the magic {gguf_header.MAGIC!r}."
             )
-        from gguf import GGUFReader
-
+        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
-            self.reader = GGUFReader(self.path)
-        except (
-            ValueError,
-            IndexError,
-            KeyError,
-            OverflowError,
-            UnicodeDecodeError,
-        ) as e:
-            raise ValueError(
-                f"{self.path} is truncated or corrupt ({size} bytes): its GGUF "
-                f"header or tensor table cannot be read ({e})."
-            ) from e
-        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
-        for tensor in self.reader.tensors:
-            end = int(tensor.data_offset) + int(tensor.n_bytes)
+            _, self.metadata, entries, _ = gguf_header.read_header(self.data)
+        except gguf_header.Truncated as e:
+            raise ValueError(f"{self.path} is truncated: its header {e}.") from e
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.path} is corrupt: {e}.") from e
+        self.tensors = {entry.name: entry for entry in entries}
+        if len(self.tensors) != len(entries):
+            raise ValueError(f"{self.path} is corrupt: it repeats a tensor name.")
+        for entry in entries:
+            end = entry.offset + (self._nbytes(entry) or 0)
             if end > size:
                 raise ValueError(
-                    f"{self.path} is truncated: tensor `{tensor.name}` ends at byte "
+                    f"{self.path} is truncated: tensor `{entry.name}` ends at byte "
                     f"{end}, past the end of the file ({size} bytes)."
                 )
         architecture = self.value(names.GENERAL_ARCHITECTURE, None)
@@ -129,42 +122,66 @@ class GGUFFile:
 
     def value(self, key, default=KeyError):
         """The metadata value under `key`; `default`, or `ValueError` if none."""
-        field = self.reader.get_field(key)
-        if field is None:
+        if key not in self.metadata:
             if default is KeyError:
                 raise ValueError(
                     f"{self.path} lacks the metadata key `{key}` that a Gemma 2 "
                     "GGUF must have."
                 )
             return default
-        return field.contents()
+        return self.metadata[key]
 
     def shape(self, name):
-        """Tensor `name`'s shape as numpy orders it (GGUF lists dims reversed)."""
-        return tuple(int(dim) for dim in reversed(self.tensors[name].shape.tolist()))
+        """Tensor `name`'s shape in numpy order (outermost first)."""
+        return self.tensors[name].shape
 
     def type_name(self, name):
         """The GGML type of tensor `name`, e.g. `"Q8_0"`."""
-        return self.tensors[name].tensor_type.name
+        ggml_type = _ggml_type(self.tensors[name])
+        if ggml_type is None:
+            return f"unknown type {self.tensors[name].type_id}"
+        return ggml_type.name
+
+    def _nbytes(self, entry):
+        """Bytes of `entry`'s data, or `None` for a type `gguf` does not know."""
+        from gguf import GGML_QUANT_SIZES
+
+        ggml_type = _ggml_type(entry)
+        if ggml_type is None:
+            return None
+        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        return int(np.prod(entry.shape, dtype=np.int64)) // block * block_bytes
 
     def read(self, name):
         """Tensor `name` as a numpy float array in its own memory (not the map).
 
-        F32, F16 and BF16 keep their dtype; Q8_0 is dequantised to float32.
+        F32, F16 and BF16 keep their dtype; Q8_0 is dequantised to float32
+        by `gguf.quants`.
         """
-        from gguf import GGMLQuantizationType, quants
+        from gguf import quants
 
-        tensor = self.tensors[name]
-        kind = tensor.tensor_type
-        if kind == GGMLQuantizationType.Q8_0:
-            array = quants.dequantize(tensor.data, kind)
-        elif kind == GGMLQuantizationType.BF16:
+        entry = self.tensors[name]
+        raw = self.data[entry.offset : entry.offset + self._nbytes(entry)]
+        ggml_type = _ggml_type(entry)
+        if ggml_type.name == "Q8_0":
+            shape = quants.quant_shape_to_byte_shape(entry.shape, ggml_type)
+            return quants.dequantize(raw.reshape(shape), ggml_type)
+        dtype = _READ_TYPES[ggml_type.name]
+        if dtype == "bfloat16":
             import ml_dtypes
 
-            array = np.array(tensor.data).view(ml_dtypes.bfloat16)
-        else:
-            array = np.array(tensor.data)
-        return array.reshape(self.shape(name))
+            dtype = ml_dtypes.bfloat16
+        return np.array(raw.view(dtype).reshape(entry.shape))
+
+
+def _ggml_type(entry):
+    """`gguf.GGMLQuantizationType` of a `TensorEntry`, or `None` if unknown."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(entry.type_id)
+    except ValueError:
+        return None
 
 
 def read_gguf_config(gguf_file):
@@ -346,7 +363,6 @@ def check_gguf_tensors(gguf_file, plan):
             e.g. Q4_K), has another shape than the metadata implies, or the
             file holds a tensor Gemma 2 has no place for.
     """
-    readable = _reader_types()
     expected = [name for name, *_ in plan]
     unexpected = sorted(set(gguf_file.tensors) - set(expected))
     if unexpected:
@@ -362,11 +378,11 @@ def check_gguf_tensors(gguf_file, plan):
             f"missing of the {len(plan)} a Gemma 2 model of its metadata has)."
         )
     for name, weight, *_, shape in plan:
-        if gguf_file.tensors[name].tensor_type not in readable:
+        if gguf_file.type_name(name) not in _READ_TYPES:
             raise ValueError(
                 f"Tensor `{name}` in {gguf_file.path} has type "
                 f"{gguf_file.type_name(name)}, which keras_gemma2 does not read. "
-                f"Supported types: {sorted(readable.values())}; convert the file "
+                f"Supported types: {sorted(_READ_TYPES)}; convert the file "
                 "to one of them (e.g. with llama.cpp's llama-quantize) first."
             )
         stored = gguf_file.shape(name)

@@ -453,3 +453,47 @@ def test_export_then_import_round_trip(tmp_path):
     assert [(p.piece, p.score, p.type) for p in rebuilt.pieces] == [
         (p.piece, p.score, p.type) for p in original.pieces
     ]
+
+
+def test_header_parser_agrees_with_gguf_reader(gguf_files):
+    """Our header parser reads what the `gguf` package's own reader reads."""
+    from keras_gemma2.checkpoints.gguf_header import read_header
+
+    path, _ = gguf_files["Q8_0"]
+    reader = gguf.GGUFReader(path)
+    _, metadata, tensors, data_offset = read_header(np.memmap(path, "uint8", "r"))
+    assert data_offset == reader.data_offset
+    expected = {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if not key.startswith("GGUF.")
+    }
+    assert metadata.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metadata[key] == pytest.approx(value), key
+    assert [
+        (tensor.name, tensor.shape, tensor.type_id, tensor.offset) for tensor in tensors
+    ] == [
+        (
+            tensor.name,
+            tuple(reversed(tensor.shape.tolist())),
+            int(tensor.tensor_type),
+            tensor.data_offset,
+        )
+        for tensor in reader.tensors
+    ]
+
+
+@pytest.mark.parametrize(
+    "offset, content, pattern",
+    [(4, b"\x00\x00\x00\x03", "version"), (24, b"\xff" * 8, "truncated")],
+)
+def test_corrupt_header(gguf_files, tmp_path, offset, content, pattern):
+    # A big-endian version field; a key length far past the end of the file.
+    source, _ = gguf_files["F32"]
+    with open(source, "rb") as file:
+        data = bytearray(file.read())
+    data[offset : offset + len(content)] = content
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(bytes(data))
+    expect_refused(path, ValueError, pattern)
