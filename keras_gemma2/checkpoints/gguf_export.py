@@ -74,6 +74,13 @@ def check_expressible(backbone):
 
     Args:
         backbone: `Gemma2Backbone`.
+
+    Example:
+
+    ```python
+    backbone = Gemma2Backbone(..., head_dim=16, query_pre_attn_scalar=12)
+    check_expressible(backbone)  # ValueError: ... Expected query_pre_attn_scalar=16
+    ```
     """
     expected = gguf_names.llama_cpp_query_pre_attn_scalar(
         backbone.num_layers,
@@ -346,6 +353,12 @@ def export_to_gguf(
             "Received an invalid value for `progress`, expected a callable "
             f"`progress(done, total, name)` or None. Received: progress={progress!r}"
         )
+    for name, value in (("modelfile", modelfile), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"Received an invalid value for `{name}`, expected a bool. "
+                f"Received: {name}={value!r}"
+            )
     dtype = _check_dtype(dtype)
     check_expressible(backbone)
     tokenizer = _find_tokenizer(causal_lm, tokenizer)

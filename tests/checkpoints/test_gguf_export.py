@@ -333,6 +333,19 @@ def test_failure_mid_write_leaves_nothing(reference, vocabulary, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_leftover_of_a_killed_export_is_removed(reference, vocabulary, tmp_path):
+    # What a SIGKILLed export leaves: its staging file, named with a dead pid.
+    leftover = tmp_path / ".model.gguf.partial-999999999-abc123"
+    leftover.write_bytes(b"GGUF half written")
+    export_to_gguf(
+        reference[1],
+        str(tmp_path / "model.gguf"),
+        tokenizer=Gemma2Tokenizer(vocabulary),
+        modelfile=False,
+    )
+    assert sorted(os.listdir(tmp_path)) == ["model.gguf"]
+
+
 def test_bad_dtype_is_refused(reference, vocabulary, tmp_path):
     with pytest.raises(ValueError, match=r"`dtype`.*'q4_0'"):
         export_to_gguf(
