@@ -17,6 +17,11 @@ Each number is one new process of
 - `stderr lines`: lines the first start wrote to stderr (backend logging
   shows up here; the CLI's own "Loading ..." line is one).
 
+With KERAS_GEMMA2_TIMINGS=1 the CLI prints its phase timings (backend
+import, model load, first token, the rest) on exit; the last second start's
+are listed under the table. `--source DIR` runs the package in DIR instead
+(an older checkout, for before/after numbers).
+
 Each cell is `wall (cpu)`: wall-clock seconds and the process' user + system
 CPU seconds to that point (read from /proc at the first token), which moves
 less than wall time when other work shares the CPUs.
@@ -35,19 +40,26 @@ import tempfile
 import time
 
 PROMPT = "def fibonacci(n):"
+TIMINGS = "timings: "
+
+
+SOURCE = None  # --source: another checkout's package directory
 
 
 def command(*arguments):
     """The console script when installed beside this Python, else `-m`."""
     script = os.path.join(os.path.dirname(sys.executable), "keras-gemma2")
-    if os.path.exists(script):
+    if os.path.exists(script) and SOURCE is None:
         return [script, *arguments]
     return [sys.executable, "-m", "keras_gemma2.cli", *arguments]
 
 
 def environment(cache_home):
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    if SOURCE is not None:
+        env["PYTHONPATH"] = SOURCE
     env["XDG_CACHE_HOME"] = cache_home
+    env["KERAS_GEMMA2_TIMINGS"] = "1"  # the CLI's phase timings, where it has them
     # Where an older CLI leaves torch.compile's cache: keep it per run too.
     env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_home, "torchinductor")
     return env
@@ -115,7 +127,8 @@ def timed_run(backend, cache_home, args, extra=()):
         "token_cpu": first_cpu,
         "exit": total,
         "exit_cpu": usage.ru_utime + usage.ru_stime,
-        "stderr": len(errors.splitlines()),
+        "stderr": len([x for x in errors.splitlines() if not x.startswith(TIMINGS)]),
+        "phases": [x for x in errors.splitlines() if x.startswith(TIMINGS)],
         "text": received.decode(errors="replace"),
     }
 
@@ -159,7 +172,15 @@ def main():
     parser.add_argument(
         "--show-text", action="store_true", help="print each backend's completion"
     )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="run the keras_gemma2 package found in this directory instead "
+        "(e.g. an older checkout, for a before/after table)",
+    )
     args = parser.parse_args()
+    global SOURCE
+    SOURCE = args.source
     print(
         f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), "
         f"Python {platform.python_version()}; {versions()}"
@@ -173,7 +194,7 @@ def main():
         help_home = os.path.join(scratch, "help")
         cache_flag = has_cache_flag(help_home)
         help_s = statistics.median(timed_help(help_home) for _ in range(args.repeats))
-        rows = []
+        rows, breakdown = [], []
         for backend in args.backends.split(","):
             home = os.path.join(scratch, backend)
             first = timed_run(backend, home, args)
@@ -198,6 +219,8 @@ def main():
             )
             if args.show_text:
                 print(f"[{backend}] {first['text']!r}")
+            for phases in seconds[-1]["phases"]:
+                breakdown.append(f"{backend}: {phases.removeprefix(TIMINGS)}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n--help: {help_s:.2f} s\n")
@@ -214,6 +237,9 @@ def main():
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if breakdown:
+        print("\nPhases of the last second start (wall s, cpu s), from the CLI:")
+        print("\n".join(breakdown))
 
 
 if __name__ == "__main__":

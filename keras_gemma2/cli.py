@@ -2,10 +2,12 @@
 
 import argparse
 import importlib.util
+import itertools
 import json
 import logging
 import os
 import sys
+import time
 
 EXAMPLES = """examples:
   keras-gemma2 run gemma2_tiny_python "def fibonacci(n):"
@@ -15,6 +17,7 @@ EXAMPLES = """examples:
   keras-gemma2 convert ./gemma2_2b_keras ./gemma-2-2b-hf --to transformers
   keras-gemma2 convert kaggle://keras/gemma2/keras/gemma2_2b_en/1 ./hf --to transformers
   keras-gemma2 convert ./gemma-2-2b ./gemma2_2b_keras_hub --to keras_hub
+  keras-gemma2 convert ./gemma-2-2b-it ./gemma2-it/gemma2-it.gguf --to gguf --type q8_0
   keras-gemma2 finetune gemma2_tiny_python data.jsonl --out ./tuned --epochs 3
   keras-gemma2 finetune ./gemma-2-2b chats.jsonl --out ./tuned --quantize int8
   keras-gemma2 distill gemma2_tiny_python student.json data.jsonl --out ./student
@@ -98,28 +101,43 @@ def build_parser():
     )
     convert = commands.add_parser(
         "convert",
-        help="convert a checkpoint to a keras_gemma2 preset, a transformers dir "
-        "or a KerasHub preset",
+        help="convert a checkpoint to a keras_gemma2 preset, a transformers dir, "
+        "a KerasHub preset or a GGUF file (llama.cpp, Ollama)",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument(
         "source", help="HF checkpoint dir, KerasHub/keras_gemma2 preset dir or handle"
     )
-    convert.add_argument("destination", help="directory to write (must not exist)")
+    convert.add_argument(
+        "destination", help="directory (or .gguf file) to write (must not exist)"
+    )
     convert.add_argument(
         "--to",
-        choices=("keras", "transformers", "keras_hub"),
+        choices=("keras", "transformers", "keras_hub", "gguf"),
         required=True,
-        help="output format: a keras_gemma2 preset, a transformers directory, or a "
+        help="output format: a keras_gemma2 preset, a transformers directory, a "
         "KerasHub GemmaCausalLM preset (2B/9B-style models; the 27B's query "
-        "scaling is refused)",
+        "scaling is refused), or a GGUF file for llama.cpp with an Ollama "
+        "Modelfile beside it",
     )
     convert.add_argument(
         "--dtype",
         choices=("bfloat16", "float32"),
-        default="bfloat16",
-        help="dtype of the written weights (default: bfloat16)",
+        default=None,
+        help="dtype of the loaded (and, but for gguf, written) weights (default: "
+        "bfloat16; for --to gguf float32, or bfloat16 with --type bf16)",
+    )
+    convert.add_argument(
+        "--type",
+        choices=gguf_types(),
+        default=None,
+        help="--to gguf only: type of the GGUF matrices; norms stay f32 (default: f32)",
+    )
+    convert.add_argument(
+        "--no-modelfile",
+        action="store_true",
+        help="--to gguf only: do not write an Ollama Modelfile beside the file",
     )
     convert.add_argument(
         "--overwrite", action="store_true", help="replace an existing destination"
@@ -299,6 +317,34 @@ def distill(args, out=None):
     return report
 
 
+def gguf_types():
+    """`--type` choices of `convert --to gguf` (no Keras import)."""
+    return ("f32", "f16", "bf16", "q8_0")
+
+
+def _check_gguf_arguments(args):
+    """Refuse gguf-only flags elsewhere and an existing Modelfile, before loading."""
+    if args.to != "gguf":
+        for flag, value in (
+            ("--type", args.type),
+            ("--no-modelfile", args.no_modelfile),
+        ):
+            if value:
+                raise ValueError(
+                    f"{flag} applies to --to gguf only. Received: --to {args.to} "
+                    f"with {flag}; use --dtype for the written dtype."
+                )
+        return
+    modelfile = os.path.join(
+        os.path.dirname(os.path.abspath(args.destination)), "Modelfile"
+    )
+    if not args.no_modelfile and os.path.exists(modelfile) and not args.overwrite:
+        raise FileExistsError(
+            f"The Modelfile {modelfile} already exists; pass --overwrite to replace "
+            "it, --no-modelfile to skip it, or choose another folder."
+        )
+
+
 def convert(args):
     """Load `args.source`, write it to `args.destination` in `args.to` format."""
     import keras
@@ -311,6 +357,13 @@ def convert(args):
             f"The destination {args.destination} already exists; pass --overwrite "
             "to replace it."
         )
+    _check_gguf_arguments(args)
+    gguf_type = args.type or "f32"
+    if args.dtype is None:
+        # GGUF types other than bf16 are made from float32 weights: loading
+        # in bfloat16 first would round f16 and q8_0 twice.
+        gguf_float32 = args.to == "gguf" and gguf_type != "bf16"
+        args.dtype = "float32" if gguf_float32 else "bfloat16"
     if args.to == "keras_hub":
         from keras_gemma2.checkpoints.keras_hub_export import check_preset_exportable
 
@@ -328,6 +381,27 @@ def convert(args):
     causal_lm = load_causal_lm(
         Gemma2CausalLM, args.source, progress=progress, dtype=args.dtype
     )
+    if args.to == "gguf":
+        written = {"bar": None}
+
+        def write_progress(done, total, name):
+            if written["bar"] is None:
+                print(f"Writing {args.destination} (gguf, {gguf_type})")
+                written["bar"] = keras.utils.Progbar(total, unit_name="tensor")
+            written["bar"].update(done)
+
+        causal_lm.export_to_gguf(
+            args.destination,
+            dtype=gguf_type,
+            modelfile=not args.no_modelfile,
+            overwrite=args.overwrite,
+            progress=write_progress,
+        )
+        print(f"Done: {args.destination}")
+        if not args.no_modelfile:
+            folder = os.path.dirname(os.path.abspath(args.destination))
+            print(f"Ollama: cd {folder} && ollama create NAME -f Modelfile")
+        return
     print(f"Writing {args.destination} ({args.to}, {args.dtype})")
     if args.to == "keras":
         causal_lm.save_to_preset(
@@ -409,6 +483,7 @@ def stream(causal_lm, prompt, max_new_tokens, out):
     for piece in causal_lm.generate(prompt, max_length=max_length, stream=True):
         out.write(piece)
         out.flush()
+        mark("first token")
         text += piece
     out.write("\n")
     return text
@@ -417,6 +492,7 @@ def stream(causal_lm, prompt, max_new_tokens, out):
 def run(args, out=None):
     out = out or sys.stdout
     causal_lm = load_for_generation(args)
+    mark("model loaded")
     out.write(args.prompt)
     stream(causal_lm, args.prompt, args.max_new_tokens, out)
 
@@ -513,11 +589,23 @@ def keep_recent_turns(messages, count_tokens, budget):
 
 # The Keras backends the commands offer, by the module each one imports.
 BACKEND_MODULES = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
-
-
-# Imported by Keras at import when installed (`keras.visualization`), never
-# used to generate: `run` and `chat` start without them.
+# Packages that Keras and KerasHub import whenever installed, for any
+# backend, and that `run` and `chat` never use; they start without them:
+# the other backends (KerasHub's `tensor_utils` imports TensorFlow, Keras'
+# `OrbaxCheckpoint` callback JAX) and matplotlib (`keras.visualization`).
 GENERATION_NEEDS_NOT = ("matplotlib",)
+
+
+def unused_by_generation(backend):
+    """The packages `run`/`chat` on `backend` start without.
+
+    >>> unused_by_generation("torch")
+    ('jax', 'tensorflow', 'matplotlib')
+    """
+    others = tuple(
+        module for name, module in BACKEND_MODULES.items() if name != backend
+    )
+    return others + GENERATION_NEEDS_NOT
 
 
 class BackendNotInstalled(Exception):
@@ -575,18 +663,20 @@ def start_backend(args, argv):
     """Pick, quiet and import the Keras backend before anything imports Keras.
 
     Keras fixes its backend when first imported, and the backends read their
-    logging settings and cache flags from the environment then. So, in a
-    fresh process: name the backend in `KERAS_BACKEND`; without `--verbose`
-    silence TensorFlow/XLA's C++ logging; for `run` and `chat`, unless
+    cache flags from the environment then. So, in a fresh process: name the
+    backend in `KERAS_BACKEND`; without `--verbose` send native (C++) logging
+    to `backend_log_path()`; for `run` and `chat`, unless
     `--no-compile-cache`, point the backend's persistent compilation cache
     (jax: its compilation cache; tensorflow: XLA's persistent cache for
     `jit_compile` functions; torch: inductor's cache, used by
-    `torch.compile`) at `compile_cache_directory()`; and on jax or torch
-    run as if TensorFlow were not installed. KerasHub imports TensorFlow
-    whenever it is installed (`keras_hub.src.utils.tensor_utils`, at
-    import, for any backend), seconds of start-up that generation on jax or
-    torch never uses; KerasHub supports TensorFlow's absence (its tokenizers
-    fall back to the `sentencepiece` package).
+    `torch.compile`) at `compile_cache_directory()`; and start `run` and
+    `chat` as if the other backends and matplotlib were not installed
+    (`unused_by_generation`). KerasHub imports TensorFlow whenever it is
+    installed (`keras_hub.src.utils.tensor_utils`, at import, for any
+    backend) and Keras imports JAX (`keras.callbacks.OrbaxCheckpoint`):
+    seconds of start-up that generation never uses. Both support their
+    absence (KerasHub's tokenizers fall back to the `sentencepiece`
+    package); imports of them are guarded by `except ImportError`.
 
     Where Keras is already imported (a caller's process), only re-run under
     another backend when `--backend` asks for one.
@@ -612,10 +702,9 @@ def start_backend(args, argv):
     if cache:
         _cache_environment(backend)
     if generating and "keras_hub" not in sys.modules:
-        for name in GENERATION_NEEDS_NOT + (
-            ("tensorflow",) if backend != "tensorflow" else ()
-        ):
-            sys.modules.setdefault(name, None)
+        for name in unused_by_generation(backend):
+            if name not in sys.modules:
+                sys.modules[name] = None  # `import name` raises ImportError
     try:
         import keras  # noqa: F401
     except ImportError as error:
@@ -699,11 +788,13 @@ def divert_native_stderr():
 
 def main(argv=None):
     """Entry point of the `keras-gemma2` console script."""
+    mark("main")
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("run", "chat"):
             check_generation_arguments(args)
         start_backend(args, argv)
+        mark("backend imported")
         if args.command == "convert":
             convert(args)
         elif args.command == "run":
@@ -728,7 +819,35 @@ def main(argv=None):
         # No network, a failed download, a full disk: one line too.
         print(f"keras-gemma2: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    finally:
+        mark("end")
+        if _PHASES:
+            print(f"timings: {format_timings(_PHASES)}", file=sys.stderr)
     return 0
+
+
+# `(phase, wall seconds, CPU seconds)` at the end of each start-up phase, kept
+# when the environment sets KERAS_GEMMA2_TIMINGS=1 (benchmarks/cli_latency.py).
+_PHASES = []
+
+
+def mark(phase):
+    """Record the end of `phase` (its first end) when KERAS_GEMMA2_TIMINGS=1."""
+    recorded = [name for name, _, _ in _PHASES]
+    if os.environ.get("KERAS_GEMMA2_TIMINGS") == "1" and phase not in recorded:
+        _PHASES.append((phase, time.perf_counter(), time.process_time()))
+
+
+def format_timings(phases):
+    """Each phase's wall (CPU) seconds since the one before.
+
+    >>> format_timings([("main", 1.0, 0.5), ("load", 3.5, 2.0)])
+    'load 2.50 s (cpu 1.50)'
+    """
+    return ", ".join(
+        f"{name} {wall - last_wall:.2f} s (cpu {cpu - last_cpu:.2f})"
+        for (_, last_wall, last_cpu), (name, wall, cpu) in itertools.pairwise(phases)
+    )
 
 
 def _one_line(error):
