@@ -19,6 +19,7 @@ from keras_gemma2.layers.validation import (
 )
 from keras_gemma2.models.architecture import layer_is_local
 from keras_gemma2.models.backbone_lora import Gemma2LoraMethods
+from keras_gemma2.models.causal_lm_inputs import check_token_dict
 from keras_gemma2.models.layout_map import get_layout_map, prepare_distribution
 from keras_gemma2.models.presets import bundled_presets, classproperty
 
@@ -260,6 +261,13 @@ class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
             new_cache.append(layer_cache)
         hidden_states = self.final_norm(x)
         return hidden_states, None if cache is None else tuple(new_cache)
+
+    def __call__(self, *args, **kwargs):
+        # Bad ids or masks get the causal LM's `ValueError` on every backend,
+        # not a backend's gather error (or NaN on JAX).
+        inputs = args[0] if args else kwargs.get("inputs")
+        check_token_dict(inputs, self.vocabulary_size)
+        return super().__call__(*args, **kwargs)
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Load weights from a file; NaN/Inf values are refused first.

@@ -60,7 +60,8 @@ class Gemma2InputChecks:
     def __call__(self, *args, **kwargs):
         inputs = args[0] if args else kwargs.get("inputs")
         self._check_token_dict(inputs, values=not _CHECKED_DATA.get())
-        return super().__call__(*args, **kwargs)
+        with _checked_data():  # the backbone need not copy the ids again
+            return super().__call__(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         # `stateless_call` (the JAX trainer) reaches `call` without `__call__`.
@@ -68,14 +69,7 @@ class Gemma2InputChecks:
         return super().call(inputs, training=training, mask=mask, **kwargs)
 
     def _check_token_dict(self, inputs, values):
-        if not isinstance(inputs, dict) or "token_ids" not in inputs:
-            return
-        token_ids = inputs["token_ids"]
-        check_token_shapes(token_ids, inputs.get("padding_mask"))
-        if values:
-            ids = host_values(token_ids)
-            if ids is not None:
-                check_token_values(ids, self.backbone.vocabulary_size)
+        check_token_dict(inputs, self.backbone.vocabulary_size, values)
 
     # === Keras' steps: data checked already ===
 
@@ -222,6 +216,26 @@ class Gemma2InputChecks:
             arguments.append(labels)
         checked = tf.numpy_function(check, arguments, token_ids.dtype)
         return tf.ensure_shape(checked, token_ids.shape)
+
+
+def check_token_dict(inputs, vocabulary_size, values=None):
+    """Check a `{"token_ids", "padding_mask"}` input of a direct call.
+
+    Shapes and dtypes always; the ids themselves when `values` (default: not
+    inside a step whose data `fit`/`predict` checked already) and they are
+    on the host (symbolic and traced inputs are checked at shape level only).
+    Anything but such a dict is left to Keras.
+    """
+    if not isinstance(inputs, dict) or "token_ids" not in inputs:
+        return
+    token_ids = inputs["token_ids"]
+    check_token_shapes(token_ids, inputs.get("padding_mask"))
+    if values is None:
+        values = not _CHECKED_DATA.get()
+    if values:
+        ids = host_values(token_ids)
+        if ids is not None:
+            check_token_values(ids, vocabulary_size)
 
 
 def _are_label_ids(labels):

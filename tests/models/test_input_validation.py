@@ -66,6 +66,10 @@ ENTRY_POINTS = {
     "train_on_batch": lambda lm, x: lm.train_on_batch(x, labels(x)),
     "score": lambda lm, x: lm.score(x["token_ids"], x["padding_mask"]),
     "generate": lambda lm, x: lm.generate(x, stop_token_ids=None),
+    "backbone_numpy": lambda lm, x: lm.backbone(x),
+    "backbone_tensor": lambda lm, x: lm.backbone(
+        {key: keras.ops.convert_to_tensor(value) for key, value in x.items()}
+    ),
 }
 
 
@@ -162,7 +166,9 @@ BAD_SHAPES = {
 
 @pytest.mark.parametrize("case", list(BAD_SHAPES))
 @pytest.mark.parametrize(
-    "entry_point", ["call_numpy", "call_tensor", "predict", "fit", "score", "generate"]
+    "entry_point",
+    ["call_numpy", "call_tensor", "predict", "fit", "score", "generate"]
+    + ["backbone_numpy", "backbone_tensor"],
 )
 def test_bad_shapes_and_dtypes(causal_lm, entry_point, case):
     change, expected = BAD_SHAPES[case]
