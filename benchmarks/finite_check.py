@@ -7,7 +7,9 @@ Writes the random sharded checkpoints of `benchmarks/load_memory.py`
 `Gemma2Backbone.from_preset(directory, check_finite=...)`, alternating the
 check on and off, and prints the median load times, their difference, and
 the time of the check alone (`is_finite` over every tensor as read, files in
-the page cache).
+the page cache). A second table does the same for the backbone saved as a
+`.keras` file and read back with `keras.models.load_model`, the check
+switched by `KERAS_GEMMA2_CHECK_FINITE`.
 """
 
 import argparse
@@ -71,6 +73,30 @@ def main():
                 f"| {dtype} | {size / 2**30:.2f} GiB | {on:.2f} s | {off:.2f} s "
                 f"| {on - off:+.2f} s ({(on - off) / off:+.0%}) "
                 f"| {statistics.median(alone):.3f} s |"
+            )
+
+    print()
+    print("| dtype | .keras file | load_model, check on | check off | difference |")
+    print("|---|---|---|---|---|")
+    for dtype in ("float32", "bfloat16"):
+        with tempfile.TemporaryDirectory(prefix="finite-check-") as directory:
+            write_checkpoint(directory, dtype)
+            path = os.path.join(directory, "backbone.keras")
+            Gemma2Backbone.from_preset(directory, dtype=dtype).save(path)
+            times = {True: [], False: []}
+            for _ in range(args.repeats):
+                for check in (True, False):
+                    os.environ["KERAS_GEMMA2_CHECK_FINITE"] = "1" if check else "0"
+                    start = time.perf_counter()
+                    backbone = keras.models.load_model(path)
+                    times[check].append(time.perf_counter() - start)
+                    del backbone
+            os.environ.pop("KERAS_GEMMA2_CHECK_FINITE")
+            on = statistics.median(times[True])
+            off = statistics.median(times[False])
+            print(
+                f"| {dtype} | {os.path.getsize(path) / 2**30:.2f} GiB | {on:.2f} s "
+                f"| {off:.2f} s | {on - off:+.2f} s ({(on - off) / off:+.0%}) |"
             )
 
 
