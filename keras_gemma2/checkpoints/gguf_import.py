@@ -57,15 +57,17 @@ def is_gguf_file(preset):
 # GGML type names we read -> numpy dtype of the stored values (Q8_0: blocks
 # of a float16 scale and 32 int8 values, dequantised by the `gguf` package).
 _READ_TYPES = {"F32": "<f4", "F16": "<f2", "BF16": "bfloat16", "Q8_0": None}
+# Values per block when a tensor is read a block of rows at a time.
+_BLOCK_ELEMENTS = 1 << 24
 
 
 class GGUFFile:
     """An opened, checked GGUF file: its metadata and its tensor table.
 
-    Opening parses the header (`gguf_header.read_header`); tensor data stays
-    memory-mapped until `read` is called. The magic, the header, every
-    tensor's extent in the file and `general.architecture == "gemma2"` are
-    checked here.
+    Opening parses the header (`gguf_header.read_header`, from a memory map
+    of which only the header's pages are touched); `read` reads one tensor.
+    The magic, the header, every tensor's extent in the file and
+    `general.architecture == "gemma2"` are checked on opening.
 
     Args:
         path: string. Path to the `.gguf` file.
@@ -95,9 +97,10 @@ class GGUFFile:
                 f"{self.path} is not a GGUF file: it starts with {magic!r}, "
                 f"expected the magic {gguf_header.MAGIC!r}."
             )
-        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
-            _, self.metadata, entries, _ = gguf_header.read_header(self.data)
+            _, self.metadata, entries, _ = gguf_header.read_header(
+                np.memmap(self.path, dtype=np.uint8, mode="r")
+            )
         except gguf_header.Truncated as e:
             raise ValueError(f"{self.path} is truncated: its header {e}.") from e
         except (ValueError, UnicodeDecodeError) as e:
@@ -152,26 +155,41 @@ class GGUFFile:
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         return int(np.prod(entry.shape, dtype=np.int64)) // block * block_bytes
 
-    def read(self, name):
-        """Tensor `name` as a numpy float array in its own memory (not the map).
+    def read(self, name, start=0, stop=None):
+        """Rows `start:stop` (outermost axis) of tensor `name`, from the file.
 
         F32, F16 and BF16 keep their dtype; Q8_0 is dequantised to float32
-        by `gguf.quants`.
+        by `gguf.quants`. A Q8_0 row is whole blocks, so rows can be read
+        apart.
         """
         from gguf import quants
 
         entry = self.tensors[name]
-        raw = self.data[entry.offset : entry.offset + self._nbytes(entry)]
+        stop = entry.shape[0] if stop is None else stop
+        row_bytes = self._nbytes(entry) // entry.shape[0]
+        # Read, not mapped: the file's pages do not stay resident as the
+        # load goes on, so memory holds the model plus what is being read.
+        raw = np.fromfile(
+            self.path,
+            dtype=np.uint8,
+            count=(stop - start) * row_bytes,
+            offset=entry.offset + start * row_bytes,
+        )
+        shape = (stop - start, *entry.shape[1:])
         ggml_type = _ggml_type(entry)
         if ggml_type.name == "Q8_0":
-            shape = quants.quant_shape_to_byte_shape(entry.shape, ggml_type)
-            return quants.dequantize(raw.reshape(shape), ggml_type)
-        dtype = _READ_TYPES[ggml_type.name]
-        if dtype == "bfloat16":
-            import ml_dtypes
+            blocks = raw.reshape(quants.quant_shape_to_byte_shape(shape, ggml_type))
+            return quants.dequantize(blocks, ggml_type)
+        return raw.view(_numpy_dtype(_READ_TYPES[ggml_type.name])).reshape(shape)
 
-            dtype = ml_dtypes.bfloat16
-        return np.array(raw.view(dtype).reshape(entry.shape))
+
+def _numpy_dtype(dtype):
+    """A numpy dtype from its name, `"bfloat16"` included."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
 
 
 def _ggml_type(entry):
@@ -417,18 +435,43 @@ def load_gguf_weights(backbone, gguf_file, progress=None, check_finite_values=Tr
     try:
         check_gguf_tensors(gguf_file, plan)
         for done, (name, weight, _, owner, shape) in enumerate(plan, start=1):
-            array = gguf_file.read(name)[: shape[0]]  # drops padded rows
-            if check_finite_values:
-                check_finite(array, name, gguf_file.path)
-            array = names.from_gguf(array, weight, sizes)
             variable = weight.variable(owner)
-            fill(variable, as_assignable(array, variable.dtype))
-            del array
+            if weight.axes == names.layout(weight) and not weight.is_norm_scale:
+                # The embedding (the largest tensor): stored as we hold it,
+                # so converted straight into its dtype, a block of rows at a
+                # time; padded rows are never read.
+                value = _read_rows(
+                    gguf_file, name, shape, variable.dtype, check_finite_values
+                )
+            else:
+                value = gguf_file.read(name)
+                if check_finite_values:
+                    check_finite(value, name, gguf_file.path)
+                value = names.from_gguf(value, weight, sizes)
+            fill(variable, as_assignable(value, variable.dtype))
+            del value
             if progress is not None:
                 progress(done, len(plan), name)
     finally:
         # Built by `build_for_loading`: loaded (or discarded) either way.
         forget_pending(backbone.weights)
+
+
+def _read_rows(gguf_file, name, shape, dtype, check_finite_values):
+    """Tensor `name`'s first `shape[0]` rows as a `dtype` array, in row blocks.
+
+    Memory holds the result and one block (`_BLOCK_ELEMENTS` values as
+    read), not a float32 copy of the whole tensor.
+    """
+    value = np.empty(shape, dtype=_numpy_dtype(dtype))
+    step = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        rows = gguf_file.read(name, start, stop)
+        if check_finite_values:
+            check_finite(rows, name, gguf_file.path)
+        value[start:stop] = rows
+    return value
 
 
 def load_gguf_backbone(

@@ -382,16 +382,21 @@ def test_missing_tensor(hf_model, tmp_path):
     expect_refused(path, ValueError, "lacks the tensor `blk.2.ffn_up.weight`")
 
 
-def test_non_finite_tensor(hf_model, tmp_path):
+@pytest.mark.parametrize(
+    # A matrix, and the embedding (read a block of rows at a time).
+    "poisoned",
+    ["blk.1.attn_k.weight", "token_embd.weight"],
+)
+def test_non_finite_tensor(hf_model, tmp_path, poisoned):
     def poison(name, data):
-        if name == "blk.1.attn_k.weight":
+        if name == poisoned:
             data = data.copy()
             data[0, 3] = np.nan
         return data
 
     path = tmp_path / "nan.gguf"
     write_gguf(path, hf_model, edit=poison)
-    expect_refused(path, ValueError, r"`blk.1.attn_k.weight` .* \(1 NaN")
+    expect_refused(path, ValueError, rf"`{poisoned}` .* \(1 NaN")
     # check_finite=False loads it anyway, as for the other formats.
     backbone = Gemma2Backbone.from_preset(str(path), check_finite=False)
     assert backbone.num_layers == 4
