@@ -599,9 +599,16 @@ GENERATION_NEEDS_NOT = ("matplotlib",)
 def unused_by_generation(backend):
     """The packages `run`/`chat` on `backend` start without.
 
+    Other Keras backends (numpy, openvino) may import any of ours, so only
+    matplotlib goes there.
+
     >>> unused_by_generation("torch")
     ('jax', 'tensorflow', 'matplotlib')
+    >>> unused_by_generation("numpy")
+    ('matplotlib',)
     """
+    if backend not in BACKEND_MODULES:
+        return GENERATION_NEEDS_NOT
     others = tuple(
         module for name, module in BACKEND_MODULES.items() if name != backend
     )
