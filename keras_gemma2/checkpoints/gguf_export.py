@@ -32,7 +32,7 @@ _Q8_0_BLOCK_VALUES = 32
 _Q8_0_BLOCK_BYTES = 34
 # Rows of a tensor converted at once: the write holds one chunk of this many
 # float32 bytes beside the variable, never a whole converted copy of it.
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 8 * 2**20
 # The Gemma team's recommended sampling for its instruction-tuned models
 # (temperature 1.0, top-k 64, top-p 0.95; Gemma 2 ships no sampling config).
 SAMPLING_DEFAULTS = (("temperature", 1.0), ("top_k", 64), ("top_p", 0.95))

@@ -419,7 +419,7 @@ def test_export_never_holds_a_whole_converted_embedding(
 ):
     import tracemalloc
 
-    # Chunks of 128 rows here (32 MiB of float32 by default).
+    # Chunks of 128 rows here (8 MiB of float32 by default).
     monkeypatch.setattr(gguf_export, "_CHUNK_BYTES", chunk_bytes)
     # The embedding is 96% of this model: a whole copy of it (what a
     # non-streaming writer makes) would be far past 0.3x the model.
