@@ -118,34 +118,40 @@ def write_gguf(
     skip=(),
     special_types=None,
     edit=None,
+    metadata=None,
 ):
     """Write `hf_model` as a llama.cpp-style Gemma 2 GGUF file.
 
-    Returns `{gguf name: float32 values stored}`, the dequantised weights as
-    the file holds them (norms as `1 + w`).
+    `metadata` replaces `gemma2.*` values by key suffix (`None` leaves the
+    key out). Returns `{gguf name: float32 values stored}`, the dequantised
+    weights as the file holds them (norms as `1 + w`).
     """
     config = hf_model.config
     writer = gguf.GGUFWriter(str(path), architecture)
-    prefix = architecture
-    writer.add_uint32(f"{prefix}.context_length", 128)
-    writer.add_uint32(f"{prefix}.embedding_length", config.hidden_size)
-    writer.add_uint32(f"{prefix}.block_count", config.num_hidden_layers)
-    writer.add_uint32(f"{prefix}.feed_forward_length", config.intermediate_size)
-    writer.add_uint32(f"{prefix}.attention.head_count", config.num_attention_heads)
-    writer.add_uint32(f"{prefix}.attention.head_count_kv", config.num_key_value_heads)
-    writer.add_uint32(f"{prefix}.attention.key_length", config.head_dim)
-    writer.add_uint32(f"{prefix}.attention.value_length", config.head_dim)
-    writer.add_float32(
-        f"{prefix}.attention.layer_norm_rms_epsilon", config.rms_norm_eps
-    )
-    writer.add_float32(
-        f"{prefix}.attn_logit_softcapping", config.attn_logit_softcapping
-    )
-    writer.add_float32(
-        f"{prefix}.final_logit_softcapping", config.final_logit_softcapping
-    )
-    writer.add_uint32(f"{prefix}.attention.sliding_window", config.sliding_window)
-    writer.add_float32(f"{prefix}.rope.freq_base", config.rope_parameters["rope_theta"])
+    values = {
+        "context_length": 128,
+        "embedding_length": config.hidden_size,
+        "block_count": config.num_hidden_layers,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": config.num_attention_heads,
+        "attention.head_count_kv": config.num_key_value_heads,
+        "attention.key_length": config.head_dim,
+        "attention.value_length": config.head_dim,
+        "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        "attn_logit_softcapping": float(config.attn_logit_softcapping),
+        "final_logit_softcapping": float(config.final_logit_softcapping),
+        "attention.sliding_window": config.sliding_window,
+        "rope.freq_base": float(config.rope_parameters["rope_theta"]),
+        **(metadata or {}),
+    }
+    for key, value in values.items():
+        key = f"{architecture}.{key}"
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif value is not None:
+            writer.add_uint32(key, value)
     tokens, scores, types = sentencepiece_vocabulary()
     for piece, token_type in (special_types or {}).items():
         types[tokens.index(piece)] = token_type
@@ -400,6 +406,20 @@ def test_non_finite_tensor(hf_model, tmp_path, poisoned):
     # check_finite=False loads it anyway, as for the other formats.
     backbone = Gemma2Backbone.from_preset(str(path), check_finite=False)
     assert backbone.num_layers == 4
+
+
+@pytest.mark.parametrize(
+    "metadata, pattern",
+    [
+        ({"feed_forward_length": None}, "lacks the metadata key `gemma2.feed_f"),
+        ({"block_count": "four"}, "gemma2.block_count='four'; expected a number"),
+        ({"attention.value_length": 8}, "value_length=8; Gemma 2 uses one head"),
+    ],
+)
+def test_bad_metadata(hf_model, tmp_path, metadata, pattern):
+    path = tmp_path / "metadata.gguf"
+    write_gguf(path, hf_model, metadata=metadata)
+    expect_refused(path, ValueError, pattern)
 
 
 def test_cli_convert_refuses_a_bad_file(tmp_path):
