@@ -1,7 +1,7 @@
 """Generation speed: ours vs KerasHub's GemmaCausalLM (and HF eager on torch).
 
 Usage: `python benchmarks/generate.py [--backends jax,tensorflow,torch]
-[--repeats 5] [--dtypes float32,bfloat16] [--cases a,b]`
+[--repeats 5] [--dtypes float32,bfloat16,int8,bfloat16_int8] [--cases a,b]`
 
 One set of random weights (a KerasHub `GemmaCausalLM` with Gemma 2 settings,
 saved as a preset) is loaded by every implementation: ours through
@@ -13,9 +13,14 @@ case (b): 2048-token prompt + 128 new tokens (seconds end to end).
 Each backend and dtype runs in its own process; medians of `--repeats` timed
 runs after one warm-up (compilation) run each, the implementations taking
 turns round by round. Ratios are ours/peer speed; the `target` column holds
-the float32 targets of issue #4. On torch, `ours_jit` is the opt-in
-`compile(jit_compile=True)` decode step on the same weights (its ratio is
-against KerasHub; the targets judge the eager default). `first call s` is
+the float32 targets of issue #4. `int8` is the float32 model after
+`quantize("int8")` (`bfloat16_int8`: the bfloat16 one); its runs add
+`ours_unquantized`, the same weights before quantizing, in the same rounds,
+so `ours/peer` on that row is the int8 speed-up measured side by side
+(KerasHub's peer is quantized the same way; HF is skipped). On torch,
+`ours_jit` is the opt-in `compile(jit_compile=True)` decode step on the
+same weights (its ratio is against KerasHub; the targets judge the eager
+default). The last column is the decode path our generation recorded. `first call s` is
 the warm-up call, compilation included. The roof is weight bytes per token
 over memory bandwidth measured in the same run with all cores.
 """
@@ -148,23 +153,29 @@ def child(directory, dtype, cases, repeats, peers):
     from keras_gemma2.generation.kv_cache import cache_bytes
 
     backend = keras.config.backend()
-    models = {
-        "ours": Gemma2CausalLM.from_preset(
-            os.path.join(directory, "keras_hub"), dtype=dtype
+    quantized = dtype.endswith("int8")
+    float_dtype = "bfloat16" if dtype.startswith("bfloat16") else "float32"
+    preset = os.path.join(directory, "keras_hub")
+    models = {"ours": Gemma2CausalLM.from_preset(preset, dtype=float_dtype)}
+    if quantized:
+        models["ours"].quantize("int8")
+        models["ours_unquantized"] = Gemma2CausalLM.from_preset(
+            preset, dtype=float_dtype
         )
-    }
     if "keras_hub" in peers:
         models["keras_hub"] = keras_hub.models.GemmaCausalLM.from_preset(
-            os.path.join(directory, "keras_hub"), dtype=dtype
+            preset, dtype=float_dtype
         )
+        if quantized:
+            models["keras_hub"].quantize("int8")
     for model in models.values():
         model.compile(sampler="greedy")
     if backend == "torch" and "ours_jit" in peers:
         # The opt-in compiled decode step, on the same weights.
         models["ours_jit"] = Gemma2CausalLM(models["ours"].backbone)
         models["ours_jit"].compile(sampler="greedy", jit_compile=True)
-    dtype_bytes = 4 if dtype == "float32" else 2
-    weight_bytes = models["ours"].count_params() * dtype_bytes
+    dtype_bytes = 4 if float_dtype == "float32" else 2
+    weight_bytes = models["ours"].count_params() * (1 if quantized else dtype_bytes)
     for case in cases:
         prompt, new = CASES[case]
         inputs = inputs_for(prompt, new)
@@ -172,7 +183,7 @@ def child(directory, dtype, cases, repeats, peers):
             name: (lambda m=model, x=inputs: m.generate(x, stop_token_ids=None))
             for name, model in models.items()
         }
-        if backend == "torch" and "hf" in peers:
+        if backend == "torch" and "hf" in peers and not quantized:
             functions["hf_eager"] = hf_runner(directory, dtype, inputs, prompt, new)
         medians, first_calls = interleaved_medians(functions, repeats)
         ours_cache, full_cache = cache_bytes(
@@ -189,9 +200,11 @@ def child(directory, dtype, cases, repeats, peers):
                         "seconds": seconds,
                         "tokens_per_s": new / seconds,
                         "first_call_s": first_calls[name],
+                        "decode_path": decode_path(models.get(name)),
                         "cache_bytes": {
                             "ours": ours_cache,
                             "ours_jit": ours_cache,
+                            "ours_unquantized": ours_cache,
                             "keras_hub": full_cache,
                         }.get(name),
                         "weight_bytes": weight_bytes,
@@ -199,6 +212,12 @@ def child(directory, dtype, cases, repeats, peers):
                 ),
                 flush=True,
             )
+
+
+def decode_path(model):
+    """The decode path(s) our model's last `generate` took, else `"-"`."""
+    programs = getattr(getattr(model, "generate_function", None), "programs", {})
+    return ",".join(sorted({p.decode_path for p in programs.values()})) or "-"
 
 
 def bandwidth_gb_per_s(size_bytes=1 << 30, repeats=5):
@@ -295,9 +314,9 @@ def main():
     )
     print(
         "| case | dtype | backend | model | seconds | tokens/s | ours/peer "
-        "| target | cache MB | roof tokens/s | first call s |"
+        "| target | cache MB | roof tokens/s | first call s | decode path |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         ours = next(
             r
@@ -329,7 +348,7 @@ def main():
             f"| {row['case']} | {row['dtype']} | {row['backend']} | {row['model']} | "
             f"{row['seconds']:.2f} | {row['tokens_per_s']:.1f} | {ratio} | {target} | "
             f"{cache} | {roof * 1e9 / row['weight_bytes']:.0f} | "
-            f"{row['first_call_s']:.1f} |"
+            f"{row['first_call_s']:.1f} | {row.get('decode_path', '-')} |"
         )
 
 

@@ -56,7 +56,9 @@ def unsupported_layers(causal_lm):
     """`{layer path: reason}` for the layers `TorchDecoder` cannot multiply.
 
     Float and int8 layers (with or without a `keras_gemma2` LoRA adapter)
-    it can; int4 layers, and Keras' own adapters on int8 layers, it cannot.
+    it can; int4 layers, Keras' own adapters on int8 layers and int8
+    layers with an activation quantizer other than `AbsMaxQuantizer`, it
+    cannot.
     """
     backbone = causal_lm.backbone
     layers = [(backbone, weight_table.EMBEDDING)]
@@ -70,12 +72,17 @@ def unsupported_layers(causal_lm):
         mode = getattr(layer, "quantization_mode", None)
         if mode not in (None, "int8"):
             reasons[layer.path] = f"quantization_mode={mode!r}"
-        elif (
-            mode == "int8"
-            and getattr(layer, "lora_enabled", False)
-            and not hasattr(layer, "_lora_update")
+        elif mode != "int8":
+            continue
+        elif getattr(layer, "lora_enabled", False) and not hasattr(
+            layer, "_lora_update"
         ):
             reasons[layer.path] = "a Keras LoRA adapter over int8 weights"
+        elif not isinstance(
+            layer.inputs_quantizer, (type(None), keras.quantizers.AbsMaxQuantizer)
+        ):
+            name = type(layer.inputs_quantizer).__name__
+            reasons[layer.path] = f"activation quantizer {name}"
     return reasons
 
 
