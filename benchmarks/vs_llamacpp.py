@@ -28,8 +28,11 @@ temperature 0) after `reset()`, so no call reuses the previous call's cache.
 Run it on a quiet machine. llama.cpp's threads wait for each other by
 spinning, so when other processes hold the cores its time collapses: here,
 at load average 8 on 2 cores, case (a) at f32 took 12-29 s with 2 threads
-and 2.1 s with 1 (0.42 s quiet). The header prints the load average at the
-start; `--threads` sets llama.cpp's.
+and 2.1 s with 1 (0.42 s quiet). Torch's OpenMP threads do the same (ours
+on torch, float32, case (a): 22 s with 2 threads, 3.1 s with
+`OMP_NUM_THREADS=1`). The header prints the load average at the start;
+`--threads` sets llama.cpp's, `OMP_NUM_THREADS` torch's; on a busy machine
+set both to 1, and compare only ratios.
 
 Without llama-cpp-python (`pip install keras-gemma2[llamacpp]`) the script
 says so and times ours alone. A short run: `--backends jax --dtypes float32
