@@ -592,7 +592,10 @@ def _preprocessor(preprocessor_cls, gguf_file, rows):
     proto = read_gguf_tokenizer(gguf_file)
     if proto is None:
         return None
-    tokenizer = preprocessor_cls.tokenizer_cls(proto=proto)
+    try:
+        tokenizer = preprocessor_cls.tokenizer_cls(proto=proto)
+    except ValueError as e:  # e.g. a vocabulary without Gemma's special pieces
+        raise ValueError(f"The vocabulary in {gguf_file.path}: {e}") from e
     if tokenizer.vocabulary_size() > rows:
         raise ValueError(
             f"The vocabulary in {gguf_file.path} has {tokenizer.vocabulary_size()} "

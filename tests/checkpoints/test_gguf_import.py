@@ -119,6 +119,7 @@ def write_gguf(
     special_types=None,
     edit=None,
     metadata=None,
+    rename=None,
 ):
     """Write `hf_model` as a llama.cpp-style Gemma 2 GGUF file.
 
@@ -155,6 +156,8 @@ def write_gguf(
     tokens, scores, types = sentencepiece_vocabulary()
     for piece, token_type in (special_types or {}).items():
         types[tokens.index(piece)] = token_type
+    for piece, new_piece in (rename or {}).items():
+        tokens[tokens.index(piece)] = new_piece
     for index in range(len(tokens), config.vocab_size):  # as llama.cpp pads
         tokens.append(f"[PAD{index}]")
         scores.append(-10000.0)
@@ -420,6 +423,12 @@ def test_bad_metadata(hf_model, tmp_path, metadata, pattern):
     path = tmp_path / "metadata.gguf"
     write_gguf(path, hf_model, metadata=metadata)
     expect_refused(path, ValueError, pattern)
+
+
+def test_vocabulary_without_gemma_pieces(hf_model, tmp_path):
+    path = tmp_path / "vocabulary.gguf"
+    write_gguf(path, hf_model, rename={"<end_of_turn>": "<eot>"})
+    expect_refused(path, ValueError, r"vocabulary in .* lacks .*<end_of_turn>")
 
 
 def test_cli_convert_refuses_a_bad_file(tmp_path):
