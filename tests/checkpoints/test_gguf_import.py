@@ -261,8 +261,9 @@ def test_f32_logits_match_hugging_face(hf_model, gguf_files):
     # The file's own rounding moves the logits (soft-capped at 6 here) by a
     # measured 0.013 (F16: 11 significant bits), 0.117 (BF16: 8 bits) and
     # 0.463 (Q8_0: 8 bits per block of 32, relative to the block's largest),
-    # the same on the three backends; bounds at about twice that. A decoding mistake (a wrong scale, blocks out
-    # of order, a transposed tensor) moves them by whole units.
+    # the same on the three backends; bounds at about twice that. A decoding
+    # mistake (a wrong scale, blocks out of order, a transposed tensor) moves
+    # them by whole units.
     [("F16", 3e-2), ("BF16", 0.25), ("Q8_0", 1.0)],
 )
 def test_rounded_types_dequantize_exactly(hf_model, gguf_files, tensor_type, bound):
