@@ -70,6 +70,7 @@ def timed_help(cache_home):
     subprocess.run(
         command("--help"),
         env=environment(cache_home),
+        cwd=SOURCE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         check=True,
@@ -103,6 +104,7 @@ def timed_run(backend, cache_home, args, extra=()):
     process = subprocess.Popen(
         argv,
         env=environment(cache_home),
+        cwd=SOURCE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -144,6 +146,7 @@ def has_cache_flag(cache_home):
     help_text = subprocess.run(
         command("run", "--help"),
         env=environment(cache_home),
+        cwd=SOURCE,
         capture_output=True,
         text=True,
     ).stdout
@@ -176,6 +179,7 @@ def main():
         "--source",
         default=None,
         help="run the keras_gemma2 package found in this directory instead "
+        "(started there, so `python -m` finds it first) "
         "(e.g. an older checkout, for a before/after table)",
     )
     args = parser.parse_args()

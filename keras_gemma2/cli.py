@@ -779,7 +779,8 @@ def divert_native_stderr():
     terminal = os.dup(2)
     try:
         os.makedirs(compile_cache_directory(), exist_ok=True)
-        log = os.open(backend_log_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        log = os.open(backend_log_path(), flags, 0o644)
     except OSError:
         log = os.open(os.devnull, os.O_WRONLY)
     os.dup2(log, 2)
