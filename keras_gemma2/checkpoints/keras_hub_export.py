@@ -119,6 +119,13 @@ def check_preset_exportable(preset):
     from keras_gemma2.models.json_file import read_json
 
     directory = preset_loading.resolve_preset(preset)
+    from keras_gemma2.checkpoints import gguf_import
+
+    if gguf_import.is_gguf_file(directory):
+        keras_hub_backbone_arguments(
+            gguf_import.read_gguf_config(gguf_import.GGUFFile(directory))
+        )
+        return
     kind = preset_loading.preset_format(directory)
     if kind == preset_loading.TRANSFORMERS:
         from keras_gemma2.checkpoints.hf_checkpoint import read_hf_config

@@ -388,8 +388,10 @@ class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
                 `save_to_preset`; a local Hugging Face Gemma 2 checkpoint
                 (`config.json` with `model_type` `"gemma2"`, `model.safetensors`
                 or shards with `model.safetensors.index.json`); a local
-                KerasHub/Kaggle Gemma 2 preset; a handle `"hf://owner/name"`
-                or `"kaggle://keras/gemma2/keras/<name>/<version>"` (needs
+                KerasHub/Kaggle Gemma 2 preset; a `.gguf` file (llama.cpp's
+                format; F32, F16, BF16 or Q8_0 tensors, dequantised); a
+                handle `"hf://owner/name"` or
+                `"kaggle://keras/gemma2/keras/<name>/<version>"` (needs
                 network).
             load_weights: bool. If `False`, the weights stay randomly
                 initialised. Defaults to `True`.

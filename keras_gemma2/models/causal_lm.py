@@ -640,9 +640,10 @@ class Gemma2CausalLM(
         """Build a `Gemma2CausalLM` from a preset.
 
         Args:
-            preset: string. A preset directory of any supported format or a
-                remote handle; see `Gemma2Backbone.from_preset`. When the
-                preset holds a tokenizer, the model gets a preprocessor.
+            preset: string. A preset directory of any supported format, a
+                `.gguf` file or a remote handle; see
+                `Gemma2Backbone.from_preset`. When the preset holds a
+                tokenizer, the model gets a preprocessor.
             load_weights: bool. If `False`, weights stay randomly initialised.
             **kwargs: backbone overrides such as `dtype="bfloat16"`.
 

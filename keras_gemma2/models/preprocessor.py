@@ -328,13 +328,16 @@ class Gemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         )
         ```
         """
+        from keras_gemma2.checkpoints.gguf_import import is_gguf_file
         from keras_gemma2.checkpoints.preset_loading import resolve_preset
 
         directory = resolve_preset(preset)
         config_path = os.path.join(directory, config_file)
-        saved = read_compatible_config(
-            config_path, COMPATIBLE_CLASSES, _KERAS_HUB_ARGUMENTS
-        )
+        saved = None
+        if not is_gguf_file(directory):  # a .gguf file has no preprocessor config
+            saved = read_compatible_config(
+                config_path, COMPATIBLE_CLASSES, _KERAS_HUB_ARGUMENTS
+            )
         config = {} if saved is None else saved[1]
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None:

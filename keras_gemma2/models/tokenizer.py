@@ -185,7 +185,9 @@ class Gemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
            `add_bos`, `add_eos`) load into this class;
         3. a Hugging Face checkpoint directory with `tokenizer.model`
            (a `tokenizer.json` there is Hugging Face's own format and is
-           not read).
+           not read);
+        4. a `.gguf` file (llama.cpp's format): the SentencePiece model is
+           rebuilt from its `tokenizer.ggml.*` keys.
 
         Args:
             preset: string. A local directory, or a remote handle
@@ -213,6 +215,9 @@ class Gemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
         from keras_gemma2.checkpoints.preset_loading import resolve_preset
 
         directory = resolve_preset(preset)
+        gguf_proto = _gguf_vocabulary(directory)
+        if gguf_proto is not None:
+            return cls(proto=gguf_proto, **kwargs)
         config_path = os.path.join(directory, config_file)
         saved = read_compatible_config(
             config_path, COMPATIBLE_CLASSES, _KERAS_HUB_ARGUMENTS
@@ -286,3 +291,17 @@ def read_keras_config(path):
     if isinstance(config, dict) and "class_name" in config and "config" in config:
         return config
     return None
+
+
+def _gguf_vocabulary(path):
+    """The SentencePiece model a `.gguf` file holds, `None` for other presets."""
+    from keras_gemma2.checkpoints import gguf_import
+
+    if not gguf_import.is_gguf_file(path):
+        return None
+    proto = gguf_import.read_gguf_tokenizer(gguf_import.GGUFFile(path))
+    if proto is None:
+        raise FileNotFoundError(
+            f"{path} holds no vocabulary: it has no `tokenizer.ggml.tokens` key."
+        )
+    return proto

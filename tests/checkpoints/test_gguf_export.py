@@ -6,7 +6,7 @@ the saved HF directory; llama.cpp's `gemma2` conventions spelled out below as
 literals (tensor names, norm weights stored as `1 + w`, `[out, in]` matrices);
 SentencePiece's own API for the vocabulary; a float64 numpy LoRA merge. The
 file is read back with the `gguf` package's `GGUFReader`. llama.cpp running
-the file is tested in `test_gguf_llama_cpp.py`.
+the file is tested in `test_gguf_llamacpp.py`.
 """
 
 import os

@@ -340,6 +340,35 @@ def test_convert_gguf_to_transformers(hf_model, gguf_files, tmp_path):
     assert os.path.isfile(os.path.join(destination, "tokenizer.model"))
 
 
+def test_tokenizer_and_preprocessor_from_a_gguf_file(gguf_files):
+    import sentencepiece
+
+    from keras_gemma2 import Gemma2CausalLMPreprocessor, Gemma2Tokenizer
+
+    path, _ = gguf_files["F32"]
+    reference = sentencepiece.SentencePieceProcessor(model_file=PRESET_VOCABULARY)
+    tokenizer = Gemma2Tokenizer.from_preset(path)
+    preprocessor = Gemma2CausalLMPreprocessor.from_preset(path, sequence_length=64)
+    for candidate in (tokenizer, preprocessor.tokenizer):
+        ids = [int(i) for i in np.asarray(candidate.tokenize(SAMPLE_TEXT[0]))]
+        assert ids == reference.encode(SAMPLE_TEXT[0])
+    x, _, _ = preprocessor(SAMPLE_TEXT[0])
+    assert tuple(x["token_ids"].shape) == (64,)
+
+
+def test_convert_gguf_to_keras_hub_checks_the_config_first(
+    gguf_files, tmp_path, capsys
+):
+    # The test model's RoPE wavelength (`make_hf_model`'s, not 10000) is one
+    # KerasHub cannot compute: the GGUF's config is refused before any load.
+    path, _ = gguf_files["F32"]
+    destination = str(tmp_path / "keras_hub")
+    assert cli_main(["convert", path, destination, "--to", "keras_hub"]) == 2
+    error = capsys.readouterr().err
+    assert "rope_max_wavelength=" in error and "hard-codes 10000" in error, error
+    assert not os.path.exists(destination)
+
+
 # === Bad input: each raises naming the file and leaves nothing half-loaded ===
 
 
