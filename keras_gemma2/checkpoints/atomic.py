@@ -21,6 +21,22 @@ import tempfile
 _ACTIVE_STAGING = set()
 
 
+def _prepare(destination, overwrite, kind):
+    """Refuse an existing `destination` unless `overwrite`; clear dead staging.
+
+    Returns `(parent directory, base name)`; the parent exists afterwards.
+    """
+    if os.path.exists(destination) and not overwrite:
+        raise FileExistsError(
+            f"The destination {destination} already exists. Pass overwrite=True "
+            f"to replace it, or choose another {kind}."
+        )
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    remove_leftovers(destination)
+    return parent, os.path.basename(destination)
+
+
 @contextlib.contextmanager
 def atomic_directory(destination, overwrite=False):
     """Yield a temporary directory that replaces `destination` on success.
@@ -39,15 +55,7 @@ def atomic_directory(destination, overwrite=False):
     if destination in _ACTIVE_STAGING:
         yield destination
         return
-    if os.path.exists(destination) and not overwrite:
-        raise FileExistsError(
-            f"The destination {destination} already exists. Pass overwrite=True "
-            "to replace it, or choose another directory."
-        )
-    parent = os.path.dirname(destination)
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(destination)
-    remove_leftovers(destination)
+    parent, name = _prepare(destination, overwrite, "directory")
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
     _ACTIVE_STAGING.add(staging)
     try:
@@ -96,15 +104,7 @@ def atomic_file(destination, overwrite=False):
         raise IsADirectoryError(
             f"The destination {destination} is a directory; expected a file path."
         )
-    if os.path.exists(destination) and not overwrite:
-        raise FileExistsError(
-            f"The destination {destination} already exists. Pass overwrite=True "
-            "to replace it, or choose another path."
-        )
-    parent = os.path.dirname(destination)
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(destination)
-    remove_leftovers(destination)
+    parent, name = _prepare(destination, overwrite, "path")
     handle, staging = tempfile.mkstemp(
         prefix=f".{name}.partial-{os.getpid()}-", dir=parent
     )

@@ -20,9 +20,9 @@ from keras_gemma2.checkpoints.hf_export import (
     GEMMA_CHAT_TEMPLATE,
     _find_tokenizer,
     _TokenizerSpec,
+    exported_backbone,
 )
 from keras_gemma2.models import weight_table
-from keras_gemma2.models.backbone import Gemma2Backbone
 from keras_gemma2.models.quantization import float_weight
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -336,13 +336,7 @@ def export_to_gguf(
     """
     import gguf
 
-    backbone = getattr(causal_lm, "backbone", causal_lm)
-    if not isinstance(backbone, Gemma2Backbone):
-        raise TypeError(
-            "Received an invalid value for `causal_lm`, expected a "
-            "`Gemma2CausalLM` or `Gemma2Backbone`. "
-            f"Received: causal_lm={type(causal_lm).__name__}"
-        )
+    backbone = exported_backbone(causal_lm)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             "Received an invalid value for `path`, expected a string or path. "

@@ -208,6 +208,18 @@ def _write_weights(backbone, directory, dtype, max_shard_size_bytes):
         )
 
 
+def exported_backbone(causal_lm):
+    """The `Gemma2Backbone` of the model an exporter was given, or `TypeError`."""
+    backbone = getattr(causal_lm, "backbone", causal_lm)
+    if not isinstance(backbone, Gemma2Backbone):
+        raise TypeError(
+            "Received an invalid value for `causal_lm`, expected a "
+            "`Gemma2CausalLM` or `Gemma2Backbone`. "
+            f"Received: causal_lm={type(causal_lm).__name__}"
+        )
+    return backbone
+
+
 def _find_tokenizer(causal_lm, tokenizer):
     """The tokenizer to export: the argument, else the model's preprocessor's."""
     if tokenizer is None:
@@ -350,13 +362,7 @@ def export_to_transformers(
         "/path/to/gemma-2-2b-hf", attn_implementation="eager")
     ```
     """
-    backbone = getattr(causal_lm, "backbone", causal_lm)
-    if not isinstance(backbone, Gemma2Backbone):
-        raise TypeError(
-            "Received an invalid value for `causal_lm`, expected a "
-            "`Gemma2CausalLM` or `Gemma2Backbone`. "
-            f"Received: causal_lm={type(causal_lm).__name__}"
-        )
+    backbone = exported_backbone(causal_lm)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(
             "Received an invalid value for `directory`, expected a string or "
