@@ -1,6 +1,7 @@
 """`keras-gemma2` command line: run, chat, convert, finetune, distill."""
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -8,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import types
 
 EXAMPLES = """examples:
   keras-gemma2 run gemma2_tiny_python "def fibonacci(n):"
@@ -713,7 +715,8 @@ def start_backend(args, argv):
             if name not in sys.modules:
                 sys.modules[name] = None  # `import name` raises ImportError
     try:
-        import keras  # noqa: F401
+        with _dynamo_deferred(generating and backend == "torch"):
+            import keras  # noqa: F401
     except ImportError as error:
         raise BackendNotInstalled(
             backend, f"failed to import ({_one_line(error)})"
@@ -722,6 +725,40 @@ def start_backend(args, argv):
         _jax_compile_cache()
     if not args.verbose:
         _quiet_python_logging()
+
+
+@contextlib.contextmanager
+def _dynamo_deferred(enabled):
+    """While Keras imports, `torch._dynamo` is a stand-in with `disable` only.
+
+    Keras' torch backend imports `torch._dynamo` at import time, for two
+    `@dynamo.disable()` decorators (`keras.src.backend.torch.image` and
+    `.random`); that import costs about 1.2 s on this project's machines,
+    a third of `run`'s start on torch. `run` and `chat` never trace with
+    dynamo (the `TorchDecoder` steps eagerly), and outside tracing those
+    decorators change nothing, so Keras gets functions left as they are.
+    The stand-in leaves `sys.modules` afterwards: a later
+    `import torch._dynamo` loads the real module.
+    """
+    if not enabled or "torch._dynamo" in sys.modules:
+        yield
+        return
+
+    def disable(fn=None, recursive=True, **kwargs):
+        del recursive, kwargs
+        return (lambda function: function) if fn is None else fn
+
+    stand_in = types.ModuleType("torch._dynamo")
+    stand_in.disable = disable
+    sys.modules["torch._dynamo"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch._dynamo") is stand_in:
+            del sys.modules["torch._dynamo"]
+        torch = sys.modules.get("torch")
+        if torch is not None and vars(torch).get("_dynamo") is stand_in:
+            delattr(torch, "_dynamo")
 
 
 def _cache_environment(backend):

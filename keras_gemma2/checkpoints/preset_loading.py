@@ -12,6 +12,7 @@ A path to a `.gguf` file (llama.cpp's format) loads through
 `keras_gemma2.checkpoints.gguf_import`.
 """
 
+import contextlib
 import json
 import os
 
@@ -28,6 +29,8 @@ from keras_gemma2.checkpoints.hf_checkpoint import (
     load_hf_weights,
     read_hf_config,
 )
+from keras_gemma2.checkpoints.unallocated import build_zero_initialized
+from keras_gemma2.models.backbone import BACKBONE_CONSTRUCTION
 from keras_gemma2.models.json_file import read_json
 from keras_gemma2.models.presets import KERAS_HUB_PRESETS, bundled_presets
 from keras_gemma2.models.quantization import (
@@ -159,12 +162,13 @@ def load_backbone(
             check_finite_values=check,
             **overrides,
         )
-    backbone = keras_hub.models.Backbone.from_preset.__func__(
-        backbone_cls,
-        directory,
-        load_weights=False,
-        **_keep_quantized_dtype(directory, overrides),
-    )
+    with _zero_initialized(load_weights):  # every weight is loaded next
+        backbone = keras_hub.models.Backbone.from_preset.__func__(
+            backbone_cls,
+            directory,
+            load_weights=False,
+            **_keep_quantized_dtype(directory, overrides),
+        )
     # A quantized preset: each layer its own policy, and the activation
     # scheme the causal LM recorded (a causal LM restores both itself).
     restore_quantization(backbone, _task_quantization(directory))
@@ -172,6 +176,24 @@ def load_backbone(
         with store_check(check):  # scanned before Keras assigns a value
             _load_preset_weights(backbone, directory)
     return backbone
+
+
+@contextlib.contextmanager
+def _zero_initialized(enabled):
+    """Backbones built from a config in here start from zeros, not random.
+
+    For one of our presets whose weights are loaded right after: drawing
+    random initial values was about half of `gemma2_tiny_python`'s load
+    (JAX compiles a program per shape for it), and the load replaces them.
+    """
+    if not enabled:
+        yield
+        return
+    token = BACKBONE_CONSTRUCTION.set(build_zero_initialized)
+    try:
+        yield
+    finally:
+        BACKBONE_CONSTRUCTION.reset(token)
 
 
 def _load_preset_weights(backbone, directory):
@@ -260,7 +282,9 @@ def load_causal_lm(
         )
         # NaN/Inf are refused before Keras assigns a value (the backbone's
         # `load_own_variables` scans its part of the weights file).
-        with store_check(finite_check_enabled(check_finite)):
+        check = store_check(finite_check_enabled(check_finite))
+        # Every weight is loaded (by KerasHub or below).
+        with check, _zero_initialized(load_weights):
             causal_lm = keras_hub.models.CausalLM.from_preset.__func__(
                 causal_lm_cls,
                 directory,

@@ -216,7 +216,10 @@ def compile_function(causal_lm, function):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(function, jit_compile=True)
+        # No autograph: the phases branch and loop through `keras.ops`
+        # (`cond`, `while_loop`), never on tensors in Python; converting
+        # them cost a second of each `keras-gemma2 run` start.
+        return tf.function(function, jit_compile=True, autograph=False)
     if backend == "torch":
         import torch
 

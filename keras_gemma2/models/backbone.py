@@ -1,5 +1,6 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final norm."""
 
+import contextvars
 import os
 import warnings
 
@@ -22,6 +23,16 @@ from keras_gemma2.models.backbone_lora import Gemma2LoraMethods
 from keras_gemma2.models.causal_lm_inputs import check_token_dict
 from keras_gemma2.models.layout_map import get_layout_map, prepare_distribution
 from keras_gemma2.models.presets import bundled_presets, classproperty
+
+
+# How `Gemma2Backbone.from_config` constructs: `None` directly, else a
+# function `construct(build) -> backbone` that calls `build()` its own way.
+# Preset loaders set it (`checkpoints.preset_loading`) while KerasHub builds
+# a backbone whose every weight they load next, so that no random initial
+# values are drawn first.
+BACKBONE_CONSTRUCTION = contextvars.ContextVar(
+    "gemma2_backbone_construction", default=None
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -293,6 +304,14 @@ class Gemma2Backbone(Gemma2LoraMethods, keras_hub.models.Backbone):
 
         check_keras_store_finite(self, store)
         super().load_own_variables(store)
+
+    @classmethod
+    def from_config(cls, config):
+        construct = BACKBONE_CONSTRUCTION.get()
+        parent = super()
+        if construct is None:
+            return parent.from_config(config)
+        return construct(lambda: parent.from_config(config))
 
     def get_config(self):
         return {

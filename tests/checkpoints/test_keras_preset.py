@@ -2,6 +2,7 @@
 
 import os
 
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -76,3 +77,24 @@ def test_directory_of_unknown_format(tmp_path):
     (tmp_path / "config.json").write_text('{"class_name": "BertBackbone"}')
     with pytest.raises(ValueError, match="BertBackbone"):
         Gemma2Backbone.from_preset(str(tmp_path))
+
+
+@pytest.mark.parametrize("cls", [Gemma2CausalLM, Gemma2Backbone])
+def test_load_starts_from_zeros_yet_every_weight_is_the_saved_one(
+    causal_lm, tmp_path, cls
+):
+    # `from_preset` builds without random initial values (they would be
+    # replaced), so every weight must come from the file; without weights,
+    # the initializers still run.
+    preset = str(tmp_path / "preset")
+    causal_lm.save_to_preset(preset)
+    loaded = cls.from_preset(preset)
+    backbone = loaded if cls is Gemma2Backbone else loaded.backbone
+    saved = causal_lm.backbone.get_weights()
+    assert len(saved) == len(backbone.weights)
+    for expected, actual in zip(saved, backbone.get_weights(), strict=True):
+        np.testing.assert_array_equal(actual, expected)
+    fresh = cls.from_preset(preset, load_weights=False)
+    fresh_backbone = fresh if cls is Gemma2Backbone else fresh.backbone
+    kernel = fresh_backbone.transformer_layers[0].attention.query_dense.kernel
+    assert np.count_nonzero(keras.ops.convert_to_numpy(kernel)) > 0

@@ -7,6 +7,7 @@ import pytest
 from keras_gemma2.checkpoints.hf_checkpoint import as_assignable
 from keras_gemma2.checkpoints.unallocated import (
     build_unallocated,
+    build_zero_initialized,
     fill,
     forget_pending,
     pending_variables,
@@ -44,3 +45,28 @@ def test_fill_assigns_allocated_variables():
     layer.build((None, 2))
     fill(layer.kernel, np.eye(2, dtype="float32"))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel), np.eye(2))
+
+
+def test_zero_initialized_build_skips_random_draws_only():
+    # Random initializers give zeros (their values are about to be loaded);
+    # constant initializers and seed generator states keep their values.
+    def factory():
+        dense = keras.layers.Dense(
+            3, kernel_initializer="glorot_uniform", bias_initializer="ones"
+        )
+        dense.build((None, 2))
+        seeds = keras.random.SeedGenerator(seed=7)
+        return dense, seeds
+
+    before = len(pending_variables())
+    (dense, seeds) = build_zero_initialized(factory)
+    assert len(pending_variables()) == before
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(dense.kernel), np.zeros((2, 3))
+    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(dense.bias), np.ones(3))
+    reference = keras.random.SeedGenerator(seed=7)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(seeds.state),
+        keras.ops.convert_to_numpy(reference.state),
+    )

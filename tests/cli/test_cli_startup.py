@@ -201,3 +201,63 @@ def test_plain_import_still_registers_the_classes(tmp_path):
         timeout=300,
     )
     assert result.stdout.split() == ["True"], result.stderr[-2000:]
+
+
+
+DYNAMO = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cli", sys.argv[1])
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)  # the module alone: no keras_gemma2 package import
+with cli._dynamo_deferred(True):
+    import keras
+print("dynamo imported with keras:", "torch._dynamo" in sys.modules)
+import torch
+import torch._dynamo
+print("real dynamo afterwards:", hasattr(torch._dynamo, "exc"))
+double = torch.compile(lambda x: x * 2, backend="eager")
+print("torch.compile usable:", double(torch.ones(2)).tolist())
+print("keras random:", tuple(keras.random.uniform((2, 3), seed=1).shape))
+"""
+
+
+def test_torch_keras_imports_without_dynamo_and_dynamo_still_loads(tmp_path):
+    # `run`/`chat` on torch skip `torch._dynamo` while Keras imports (about
+    # 1.2 s); a later `import torch._dynamo` must still give the real one.
+    from keras_gemma2 import cli
+
+    result = subprocess.run(
+        [sys.executable, "-c", DYNAMO, cli.__file__],
+        env=environment(tmp_path, KERAS_BACKEND="torch"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "dynamo imported with keras: False",
+        "real dynamo afterwards: True",
+        "torch.compile usable: [2.0, 2.0]",
+        "keras random: (2, 3)",
+    ]
+
+
+def test_run_on_torch_never_imports_dynamo(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "keras_gemma2.cli", "run"]
+        + ["gemma2_tiny_python", "def f(", "--max-new-tokens", "3"]
+        + ["--temperature", "0", "--backend", "torch", "--verbose"],
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("def f(")
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "keras.src.backend.torch.image" in modules  # the import happened
+    assert "torch._dynamo" not in modules
