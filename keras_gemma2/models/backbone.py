@@ -24,7 +24,6 @@ from keras_gemma2.models.causal_lm_inputs import check_token_dict
 from keras_gemma2.models.layout_map import get_layout_map, prepare_distribution
 from keras_gemma2.models.presets import bundled_presets, classproperty
 
-
 # How `Gemma2Backbone.from_config` constructs: `None` directly, else a
 # function `construct(build) -> backbone` that calls `build()` its own way.
 # Preset loaders set it (`checkpoints.preset_loading`) while KerasHub builds

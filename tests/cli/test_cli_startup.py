@@ -203,7 +203,6 @@ def test_plain_import_still_registers_the_classes(tmp_path):
     assert result.stdout.split() == ["True"], result.stderr[-2000:]
 
 
-
 DYNAMO = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("cli", sys.argv[1])
