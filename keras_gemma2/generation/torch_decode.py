@@ -7,8 +7,8 @@ config on 2 CPU cores). `TorchDecoder` runs one decode step as plain torch
 operations on the model's own variables (views, no copies), writing into
 the prefilled caches in place (`[batch, kv_heads, slots, head_dim]`, read
 without transposes). `TorchDecoder.write_prompt` fills those caches the same
-way from a prompt that fits in a local layer's ring (60 -> 25 ms for 32
-tokens there).
+way from the prompt, in chunks (60 -> 25 ms for 32 tokens there; for int8
+models it also avoids the layers' int32 `einsum`).
 
 Nothing of the model's arithmetic is written here: the RMS norm, RoPE, soft
 caps, masked softmax, GeGLU and embedding scale are the functions of
@@ -119,28 +119,36 @@ def start(causal_lm, token_ids, padding_mask, prefill_length):
     """Prefill the prompts for `TorchDecoder`: `(state, decoder)`.
 
     `state` is what `decode.prefill` returns; `decoder` the `TorchDecoder`
-    over its caches, built once for the whole generation. A prompt that fits
-    in a local layer's ring (`prefill_length <= ring`) goes through
-    `TorchDecoder.write_prompt`, straight into the decode layout; per-layer
-    Keras call overhead is then most of a short prefill's cost. Longer
-    prompts go through the layers (`decode.prefill`), whose blocked
-    attention kernels they need.
+    over its caches, built once for the whole generation. The decoder writes
+    the prompts itself (`TorchDecoder.write_prompt`, straight into the
+    decode layout; per-layer Keras call overhead is most of a short
+    prefill's cost, and the layers of an int8 model multiply int8 codes
+    with torch's int32 `einsum`, which has no fast CPU kernel) when the
+    prompt fits in a local layer's ring (`prefill_length <= ring`), or when
+    every row's prompt has the same length. Prompts of uneven lengths longer
+    than the ring go through the layers (`decode.prefill`).
     """
     import torch
 
     backbone = causal_lm.backbone
     batch_size, max_length = token_ids.shape
     ring = ring_size(backbone, max_length)
-    if prefill_length > ring:
+    lengths = padding_mask.bool().sum(dim=-1)
+    # First position to generate: every row has a real token before it.
+    index = int(lengths.min())
+    if prefill_length > ring and index != int(lengths.max()):
         state = decode.prefill(causal_lm, token_ids, padding_mask, prefill_length)
         return state, TorchDecoder(causal_lm, state[1])
     decoder = TorchDecoder(
         causal_lm, empty_cache(backbone, batch_size, ring, max_length)
     )
-    decoder.write_prompt(token_ids[:, :prefill_length])
-    # First position to generate: every row has a real token before it.
-    index = padding_mask.bool().sum(dim=-1).min().to(torch.int32)
+    # Within the ring, the bucket's padding positions may be written too:
+    # decoding overwrites each before any query can reach it. Past the
+    # ring, a padding key could stay in a ring slot, so only real ones.
+    written = prefill_length if prefill_length <= ring else index
+    decoder.write_prompt(token_ids[:, :written])
     done = torch.zeros((batch_size,), dtype=torch.bool, device=token_ids.device)
+    index = torch.tensor(index, dtype=torch.int32, device=token_ids.device)
     return (token_ids, decoder.caches, index, done), decoder
 
 
@@ -239,6 +247,7 @@ class TorchDecoder:
         self.kv_heads, self.head_dim = backbone.num_key_value_heads, backbone.head_dim
         self.groups = backbone.num_query_heads // self.kv_heads
         self.ring = caches[0][0].shape[2]  # layer 0 is local
+        self.window = backbone.sliding_window_size
         self.inverse_frequencies = math.rope_inverse_frequencies(
             self.head_dim, backbone.rope_max_wavelength, TORCH_OPS
         ).to(caches[0][0].device)
@@ -307,40 +316,69 @@ class TorchDecoder:
         probabilities = math.masked_softmax(logits, valid, layer.cap, TORCH_OPS)
         return torch.matmul(probabilities.to(values.dtype), values)  # [B, K, G, H]
 
-    def write_prompt(self, token_ids):
+    def write_prompt(self, token_ids, chunk=512):
         """Run `token_ids [B, L]` (positions `0 .. L - 1`) into the caches.
 
-        Requires `L <= ring`: every key is then inside every query's window,
-        so local and global layers alike attend causally, and position `p`
-        goes to slot `p` of rings and global caches alike.
+        In chunks of at most `min(chunk, ring)` positions: each chunk's
+        queries attend to the keys the caches hold from earlier chunks (a
+        ring's previous contents, the global caches' prefix) and to the
+        chunk's own, masked by position (causal; local layers also by the
+        sliding window), before the chunk's keys overwrite ring slots. The
+        logits of a chunk are `[B, N, chunk, keys]`, so the chunk bounds
+        the memory of long prompts.
         """
+        length = token_ids.shape[1]
+        size = max(1, min(chunk, self.ring))
+        for begin in range(0, length, size):
+            self._write_chunk(token_ids[:, begin : begin + size], begin)
+
+    def _write_chunk(self, token_ids, begin):
+        """Write positions `begin .. begin + L - 1` (`token_ids [B, L]`)."""
         import torch
 
         batch, length = token_ids.shape
-        if length > self.ring:
-            raise ValueError(
-                f"`token_ids` has {length} positions; TorchDecoder.write_prompt "
-                f"takes at most the ring's {self.ring}."
-            )
         x = self._embed(token_ids)  # [B, L, D]
-        positions = torch.arange(length, device=x.device)
+        positions = torch.arange(begin, begin + length, device=x.device)
         rotation = self._rotation(positions[:, None])  # [L, 1, H] each
-        for layer, (key_cache, value_cache) in zip(
-            self.layers, self.caches, strict=True
+        slots = torch.arange(self.ring, device=x.device)
+        # What the rings held before this chunk (negative: never written).
+        held = ring_positions(begin - 1, slots, self.ring)
+        ring_keys = torch.cat([held, positions])
+        ring_valid = (
+            (ring_keys[None, :] >= 0)
+            & (ring_keys[None, :] <= positions[:, None])
+            & (ring_keys[None, :] > positions[:, None] - self.window)
+        )  # [L, ring + L]
+        global_keys = torch.arange(begin + length, device=x.device)
+        global_valid = global_keys[None, :] <= positions[:, None]  # [L, begin + L]
+        for layer, local, (key_cache, value_cache) in zip(
+            self.layers, self.local, self.caches, strict=True
         ):
             query, key, value = (
                 tensor.transpose(1, 2)  # [B, heads, L, H]
                 for tensor in self._attention_inputs(layer, x, rotation)
             )
-            key_cache[:, :, :length] = key
-            value_cache[:, :, :length] = value
+            key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
+            if local and begin == 0:  # nothing written before: no ring
+                keys, values, valid = key, value, ring_valid[:, self.ring :]
+                key_cache[:, :, :length] = key
+                value_cache[:, :, :length] = value
+            elif local:
+                keys = torch.cat([key_cache, key], dim=2)
+                values = torch.cat([value_cache, value], dim=2)
+                valid = ring_valid
+                ring_slots = positions % self.ring
+                key_cache[:, :, ring_slots] = key
+                value_cache[:, :, ring_slots] = value
+            else:
+                key_cache[:, :, begin : begin + length] = key
+                value_cache[:, :, begin : begin + length] = value
+                keys = key_cache[:, :, : begin + length]
+                values = value_cache[:, :, : begin + length]
+                valid = global_valid
             query = query.reshape(batch, self.kv_heads, self.groups, length, -1)
             attended = self._attend(
-                layer,
-                query,
-                key[:, :, None],
-                value[:, :, None],
-                positions[:, None] >= positions[None, :],  # causal [L, L]
+                layer, query, keys[:, :, None], values[:, :, None], valid
             )  # [B, K, G, L, H]
             attended = attended.reshape(batch, -1, length, self.head_dim)
             attended = attended.transpose(1, 2).reshape(batch, length, -1)
