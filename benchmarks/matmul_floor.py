@@ -41,6 +41,9 @@ jax and tensorflow in bfloat16 and int8 they are not: the isolated dots
 ran at 35-88 ms per token against 10-15 ms for our whole compiled decode
 step (XLA picked slower kernels for the lone dots, even chained one after
 another), so those rows bound nothing and are printed for the record only.
+Inside a loop, XLA converts bfloat16 weights to float32 copies and int8
+weights to int32 copies before the loop, and multiplies those. So there the
+floor is the float32 row (`docs/decode_speed.md` shows the compiled HLO).
 """
 
 import argparse
