@@ -282,11 +282,12 @@ def llamacpp_token_ms(types, repeats):
     if importlib.util.find_spec("llama_cpp") is None:
         print("# llama-cpp-python is not installed: no llama.cpp column")
         return {}
-    from generate import make_weights
-    from vs_llamacpp import export_gguf_files, gguf_path, llama_runner
+    from vs_llamacpp import gguf_path, llama_runner
 
     results = {}
     with tempfile.TemporaryDirectory() as directory:
+        # Weights and GGUF files come from a jax process of their own, so this
+        # process imports no backend besides llama.cpp.
         env = {**os.environ, "KERAS_BACKEND": "jax"}
         script = (
             "import sys; sys.path.insert(0, sys.argv[2]);"
@@ -302,7 +303,6 @@ def llamacpp_token_ms(types, repeats):
             check=True,
             capture_output=True,
         )
-        del make_weights, export_gguf_files
         prompt = list(range(10, 42))  # 32 tokens
         threads = os.cpu_count() or 1
         for gguf_type in types:

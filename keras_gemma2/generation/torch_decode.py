@@ -359,17 +359,15 @@ class TorchDecoder:
                 for tensor in self._attention_inputs(layer, x, rotation)
             )
             key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
-            if local and begin == 0:  # nothing written before: no ring
-                keys, values, valid = key, value, ring_valid[:, self.ring :]
-                key_cache[:, :, :length] = key
-                value_cache[:, :, :length] = value
-            elif local:
-                keys = torch.cat([key_cache, key], dim=2)
-                values = torch.cat([value_cache, value], dim=2)
-                valid = ring_valid
-                ring_slots = positions % self.ring
-                key_cache[:, :, ring_slots] = key
-                value_cache[:, :, ring_slots] = value
+            if local:
+                if begin:  # the ring's earlier keys, then the chunk's
+                    keys = torch.cat([key_cache, key], dim=2)
+                    values = torch.cat([value_cache, value], dim=2)
+                    valid = ring_valid
+                else:  # nothing written before: the chunk's keys alone
+                    keys, values, valid = key, value, ring_valid[:, self.ring :]
+                key_cache[:, :, positions % self.ring] = key
+                value_cache[:, :, positions % self.ring] = value
             else:
                 key_cache[:, :, begin : begin + length] = key
                 value_cache[:, :, begin : begin + length] = value
