@@ -26,6 +26,7 @@ Each program records the decode path it took in `decode_path` (see
 the portable step run eagerly (`tests/generation/test_decode_paths.py`).
 """
 
+import functools
 import itertools
 
 import keras
@@ -231,12 +232,20 @@ def compile_function(causal_lm, function):
     return function
 
 
+# XLA (CPU) options for the generation programs. With its default copy
+# insertion, XLA copied every loop-carried KV cache at each decode step even
+# when nothing but the next step read it; region analysis proves the in-place
+# write safe (jax 0.10, 2048-token context: 15 -> 12 ms per token).
+XLA_CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def _jax_function(causal_lm, function):
     import jax
 
     sampler = causal_lm.sampler
+    options = XLA_CPU_OPTIONS if jax.default_backend() == "cpu" else None
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=options)
     def stateless(args, state):
         sampler_values, trainable, non_trainable = state
         mapping = itertools.chain(
@@ -252,17 +261,25 @@ def _jax_function(causal_lm, function):
         ]
         return outputs, new_sampler_values
 
-    def run(args):
-        state = (
+    def current_state():
+        return (
             [v.value for v in sampler.variables],
             [v.value for v in causal_lm.trainable_variables],
             [v.value for v in causal_lm.non_trainable_variables],
         )
+
+    def run(args):
         args = jax.tree_util.tree_map(ops.convert_to_tensor, args)
-        outputs, sampler_values = stateless(args, state)
+        outputs, sampler_values = stateless(args, current_state())
         # Only the sampler's seed state changes during generation.
         for variable, value in zip(sampler.variables, sampler_values, strict=True):
             variable.assign(value)
         return outputs
 
+    def lower(args):
+        """The `jax.stages.Lowered` program for `args` (to read its HLO)."""
+        args = jax.tree_util.tree_map(ops.convert_to_tensor, args)
+        return stateless.lower(args, current_state())
+
+    run.lower = lower
     return run

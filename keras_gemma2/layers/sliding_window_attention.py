@@ -10,7 +10,10 @@ from keras_gemma2.layers.attention_dispatch import (
     validate_attention_implementation,
 )
 from keras_gemma2.layers.attention_masks import attention_mask
-from keras_gemma2.layers.cached_attention import cached_attention
+from keras_gemma2.layers.cached_attention import (
+    cached_attention,
+    cached_attention_step,
+)
 from keras_gemma2.layers.gemma2_math import rope_rotate
 from keras_gemma2.layers.projection import project
 from keras_gemma2.layers.rotary_embedding import rotary_rotation
@@ -224,6 +227,7 @@ class SlidingWindowAttention(keras.layers.Layer):
             # S = sliding_window_size it holds exactly a local layer's window.
             # A multi-token update must not wrap (prefill starts at slot 0).
             key_cache, value_cache = cache  # [B, K, S, H] each
+            previous_cache = cache
             cache_length = ops.shape(key_cache)[2]
             start_position = ops.cast(cache_update_index, "int32")
             start = [0, 0, ops.mod(start_position, cache_length), 0]
@@ -262,9 +266,22 @@ class SlidingWindowAttention(keras.layers.Layer):
             mask = attention_mask(
                 query_positions, key_positions, self.sliding_window_size, padding_mask
             )  # [B or 1, T, S]
-            attended = cached_attention(
-                query, key_cache, value_cache, mask, self.attention_logit_soft_cap
-            )  # [B, T, N, H]
+            if hidden_states.shape[1] == 1:
+                # A decode step reads the caches before its own write (see
+                # `cached_attention_step`): XLA then writes them in place.
+                attended = cached_attention_step(
+                    query,
+                    *previous_cache,
+                    key,
+                    value,
+                    mask,
+                    start[2],
+                    self.attention_logit_soft_cap,
+                )
+            else:
+                attended = cached_attention(
+                    query, key_cache, value_cache, mask, self.attention_logit_soft_cap
+                )  # [B, T, N, H]
         outputs = project(self.output_dense, attended)  # [B, T, D]
         if cache is not None:
             return outputs, cache
