@@ -266,7 +266,9 @@ class SlidingWindowAttention(keras.layers.Layer):
             mask = attention_mask(
                 query_positions, key_positions, self.sliding_window_size, padding_mask
             )  # [B or 1, T, S]
-            if hidden_states.shape[1] == 1 and key_cache.dtype == "float32":
+            cache_dtype = keras.backend.standardize_dtype(key_cache.dtype)
+            float32_cache = cache_dtype == "float32"
+            if hidden_states.shape[1] == 1 and float32_cache:
                 # A decode step reads the caches before its own write (see
                 # `cached_attention_step`): XLA then writes them in place.
                 # Float32 caches only: with bfloat16 caches XLA (CPU)
