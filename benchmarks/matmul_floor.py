@@ -1,7 +1,7 @@
 """Each backend's own floor for one decoded token: its bare matrix products.
 
 Usage: `python benchmarks/matmul_floor.py [--backends jax,tensorflow,torch]
-[--dtypes float32,bfloat16,int8] [--repeats 7] [--no-llamacpp]`
+[--dtypes float32,bfloat16,int8] [--cases a,b] [--repeats 7] [--no-llamacpp]`
 
 Decoding one token of the mid config of `benchmarks/generate.py`
 (vocabulary 32000, 8 layers, hidden 512, 8/4 heads, head_dim 64,
@@ -44,6 +44,17 @@ another), so those rows bound nothing and are printed for the record only.
 Inside a loop, XLA converts bfloat16 weights to float32 copies and int8
 weights to int32 copies before the loop, and multiplies those. So there the
 floor is the float32 row (`docs/decode_speed.md` shows the compiled HLO).
+
+`--cases b` adds the floor of case (b) of `benchmarks/vs_llamacpp.py` (a
+2048-token prompt, 128 new tokens): the prompt's weight products (the 56
+layer products over 2048 rows, the head over the last row only), timed the
+same way, plus 127 decode tokens' products. Attention, norms and sampling
+are left out, so no case (b) call on that backend can be faster. Each part
+takes the faster of the dtype's own products and the backend's float32
+products (converting the weights to float32 first costs at least the
+float32 products). The llama.cpp column is then its whole case (b) call
+with flash attention, the issue's peer, at the same precision, and the
+table says whether the floor already exceeds that time / 1.2, the target.
 """
 
 import argparse
@@ -69,6 +80,11 @@ SHAPES = [
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 PEER = {"float32": "f32", "bfloat16": "f16", "int8": "q8_0"}
 CALLS = 20
+# Case (b) of `benchmarks/vs_llamacpp.py`: a 2048-token prompt, 128 new tokens
+# (the first from the prompt's own forward pass), and its target ratio.
+PROMPT_B, NEW_B, TARGET_B = 2048, 128, 1.2
+# An isolated prompt-sized product slower than this is timed once more only.
+SLOW_PREFILL_S = 20.0
 
 
 def weights(numpy_dtype):
@@ -98,7 +114,7 @@ def int8_weights():
     return [quantize(k, 0) for k in kernels], quantize(embedding, 1)
 
 
-def jax_products(dtype):
+def jax_products(dtype, rows_in=1):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -111,7 +127,7 @@ def jax_products(dtype):
         )
 
         def quantize_row(x):
-            scale = jnp.max(jnp.abs(x)) / 127.0
+            scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
             return jnp.round(x / scale).astype(jnp.int8), scale
 
         def product(x, codes, scale, transpose=False):
@@ -125,7 +141,7 @@ def jax_products(dtype):
         def token(rows, arguments):
             kernels, (table, table_scale) = arguments
             outs = [product(rows[k.shape[0]], k, s) for k, s in kernels]
-            outs.append(product(rows[HIDDEN], table, table_scale, transpose=True))
+            outs.append(product(rows[HIDDEN][-1:], table, table_scale, transpose=True))
             return outs
 
     else:
@@ -140,13 +156,13 @@ def jax_products(dtype):
         def token(rows, arguments):
             kernels, embedding = arguments
             outs = [rows[k.shape[0]] @ k for k in kernels]
-            outs.append(rows[HIDDEN] @ embedding.T)
+            outs.append(rows[HIDDEN][-1:] @ embedding.T)
             return outs
 
     input_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-
+    generator = np.random.default_rng(1)
     rows = {
-        n: jnp.asarray(np.random.default_rng(1).standard_normal((1, n)), input_dtype)
+        n: jnp.asarray(generator.standard_normal((rows_in, n)), input_dtype)
         for n in (HIDDEN, FFW)
     }
 
@@ -156,12 +172,13 @@ def jax_products(dtype):
     return run
 
 
-def tensorflow_products(dtype):
+def tensorflow_products(dtype, rows_in=1):
     import numpy as np
     import tensorflow as tf
 
+    generator = np.random.default_rng(1)
     rows = {
-        n: np.random.default_rng(1).standard_normal((1, n)).astype("float32")
+        n: generator.standard_normal((rows_in, n)).astype("float32")
         for n in (HIDDEN, FFW)
     }
     if dtype == "int8":
@@ -170,7 +187,7 @@ def tensorflow_products(dtype):
         table, table_scale = tf.constant(table), tf.constant(table_scale)
 
         def product(x, codes, scale, transpose=False):
-            row_scale = tf.reduce_max(tf.abs(x)) / 127.0
+            row_scale = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True) / 127.0
             q = tf.cast(tf.round(x / row_scale), tf.int8)
             out = tf.matmul(q, codes, transpose_b=transpose, output_type=tf.int32)
             return tf.cast(out, tf.float32) * row_scale * tf.reshape(scale, (1, -1))
@@ -179,7 +196,7 @@ def tensorflow_products(dtype):
         def token(small, large):
             rows = {HIDDEN: small, FFW: large}
             outs = [product(rows[c.shape[0]], c, s) for c, s in kernels]
-            outs.append(product(small, table, table_scale, transpose=True))
+            outs.append(product(small[-1:], table, table_scale, transpose=True))
             return outs
 
     else:
@@ -193,7 +210,7 @@ def tensorflow_products(dtype):
         def token(small, large):
             rows = {HIDDEN: small, FFW: large}
             outs = [rows[k.shape[0]] @ k for k in kernels]
-            outs.append(tf.matmul(small, embedding, transpose_b=True))
+            outs.append(tf.matmul(small[-1:], embedding, transpose_b=True))
             return outs
 
     def run():
@@ -203,12 +220,13 @@ def tensorflow_products(dtype):
     return run
 
 
-def torch_products(dtype):
+def torch_products(dtype, rows_in=1):
     import numpy as np
     import torch
 
+    generator = np.random.default_rng(1)
     rows = {
-        n: torch.from_numpy(np.random.default_rng(1).standard_normal((1, n)))
+        n: torch.from_numpy(generator.standard_normal((rows_in, n)))
         for n in (HIDDEN, FFW)
     }
     if dtype == "int8":
@@ -220,18 +238,22 @@ def torch_products(dtype):
         table_scale = torch.from_numpy(table_scale)
 
         def product(x, codes, scale, transpose=False):
-            row_scale = x.abs().amax() / 127.0
+            row_scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
             q = torch.round(x / row_scale).to(torch.int8)
-            padded = torch.zeros((17, q.shape[1]), dtype=torch.int8)
-            padded[:1] = q
-            out = torch._int_mm(padded, codes.T if transpose else codes)[:1]
+            count = q.shape[0]
+            if count <= 16:
+                padded = torch.zeros((17, q.shape[1]), dtype=torch.int8)
+                padded[:count] = q
+                q = padded
+            out = torch._int_mm(q, codes.T if transpose else codes)[:count]
             return out.float() * row_scale * scale.reshape(1, -1)
 
         def run():
             with torch.no_grad():
                 for codes, scale in kernels:
                     product(rows[codes.shape[0]].float(), codes, scale)
-                product(rows[HIDDEN].float(), table, table_scale, transpose=True)
+                last = rows[HIDDEN][-1:].float()
+                product(last, table, table_scale, transpose=True)
 
     else:
         cast = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -244,7 +266,7 @@ def torch_products(dtype):
             with torch.no_grad():
                 for kernel in kernels:
                     rows[kernel.shape[0]] @ kernel
-                rows[HIDDEN] @ embedding.T
+                rows[HIDDEN][-1:] @ embedding.T
 
     return run
 
@@ -254,7 +276,18 @@ def weight_bytes(dtype):
     return (LAYERS * per_layer + VOCABULARY * HIDDEN) * BYTES[dtype]
 
 
-def child(backend, dtypes, repeats):
+def median_seconds(run, repeats, calls):
+    """Median over `repeats` rounds of one call's seconds (a round: `calls` calls)."""
+    rounds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        rounds.append((time.perf_counter() - start) / calls)
+    return statistics.median(rounds)
+
+
+def child(backend, dtypes, repeats, cases):
     """Time `backend`'s products for each dtype; JSON lines out."""
     make = {
         "jax": jax_products,
@@ -264,19 +297,30 @@ def child(backend, dtypes, repeats):
     for dtype in dtypes:
         run = make(dtype)
         run()  # compile
-        rounds = []
-        for _ in range(repeats):
+        row = {"backend": backend, "dtype": dtype}
+        row["ms_per_token"] = median_seconds(run, repeats, CALLS) * 1e3
+        if "b" in cases:
+            run = make(dtype, rows_in=PROMPT_B)
             start = time.perf_counter()
-            for _ in range(CALLS):
+            run()  # compile, and a first measure of a slow kernel
+            first = time.perf_counter() - start
+            if first > SLOW_PREFILL_S:
+                # An isolated kernel this slow bounds nothing (the float32 row
+                # is the floor); one more call is enough to say so.
+                start = time.perf_counter()
                 run()
-            rounds.append((time.perf_counter() - start) / CALLS)
-        seconds = statistics.median(rounds)
-        row = {"backend": backend, "dtype": dtype, "ms_per_token": seconds * 1e3}
+                row["prefill_s"] = time.perf_counter() - start
+            else:
+                row["prefill_s"] = median_seconds(run, repeats, 2)
         print(json.dumps(row), flush=True)
 
 
-def llamacpp_token_ms(types, repeats):
-    """llama.cpp's decode milliseconds per token for each GGUF type (or `{}`)."""
+def llamacpp_times(types, repeats, cases):
+    """llama.cpp's decode ms per token (case a) and case (b) seconds, per type.
+
+    Returns `{type: {"token_ms": ..., "case_b_s": ...}}`, `{}` without
+    llama-cpp-python. Case (b) runs with flash attention, the issue's peer.
+    """
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -303,50 +347,40 @@ def llamacpp_token_ms(types, repeats):
             check=True,
             capture_output=True,
         )
-        prompt = list(range(10, 42))  # 32 tokens
         threads = os.cpu_count() or 1
         for gguf_type in types:
-            run = llama_runner(gguf_path(directory, gguf_type), True, 128, threads)
-            run(prompt, 65)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run(prompt, 1)
-                short = time.perf_counter() - start
-                start = time.perf_counter()
-                run(prompt, 65)
-                times.append((time.perf_counter() - start - short) / 64)
-            results[gguf_type] = statistics.median(times) * 1e3
+            path = gguf_path(directory, gguf_type)
+            results[gguf_type] = {}
+            if "a" in cases:
+                prompt = list(range(10, 42))  # 32 tokens
+                run = llama_runner(path, True, 128, threads)
+                run(prompt, 65)  # warm-up
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    run(prompt, 1)
+                    short = time.perf_counter() - start
+                    start = time.perf_counter()
+                    run(prompt, 65)
+                    times.append((time.perf_counter() - start - short) / 64)
+                results[gguf_type]["token_ms"] = statistics.median(times) * 1e3
+            if "b" in cases:
+                prompt = [10 + i % 4000 for i in range(PROMPT_B)]
+                run = llama_runner(path, True, PROMPT_B + NEW_B, threads)
+                run(prompt, NEW_B)  # warm-up
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    run(prompt, NEW_B)
+                    times.append(time.perf_counter() - start)
+                results[gguf_type]["case_b_s"] = statistics.median(times)
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="jax,tensorflow,torch")
-    parser.add_argument("--dtypes", default="float32,bfloat16,int8")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-llamacpp", action="store_true")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    dtypes = args.dtypes.split(",")
-    if args.child:
-        child(args.child, dtypes, args.repeats)
-        return
-    rows = []
-    for backend in args.backends.split(","):
-        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, __file__, "--child", backend]
-        command += ["--dtypes", args.dtypes, "--repeats", str(args.repeats)]
-        process = subprocess.run(command, capture_output=True, text=True, env=env)
-        if process.returncode != 0:
-            print(f"# {backend} failed: {process.stderr.strip()[-500:]}")
-        rows += [json.loads(x) for x in process.stdout.splitlines() if x[:1] == "{"]
-    peers = {}
-    if not args.no_llamacpp:
-        peers = llamacpp_token_ms([PEER[d] for d in dtypes], args.repeats)
+def print_case_a(rows, peers, repeats):
     print(
         f"# matmul_floor: {os.cpu_count()} cores; one token's 57 weight products "
-        f"of the mid config; medians of {args.repeats} rounds of {CALLS} calls"
+        f"of the mid config; medians of {repeats} rounds of {CALLS} calls"
     )
     print(
         "| backend | dtype | products ms/token | GB/s | llama.cpp type "
@@ -357,11 +391,97 @@ def main():
         ms = row["ms_per_token"]
         rate = weight_bytes(row["dtype"]) / ms / 1e6
         peer = PEER[row["dtype"]]
-        if peer in peers:
-            tail = f"{peer} | {peers[peer]:.2f} | {ms / peers[peer]:.2f}x |"
+        token_ms = peers.get(peer, {}).get("token_ms")
+        if token_ms:
+            tail = f"{peer} | {token_ms:.2f} | {ms / token_ms:.2f}x |"
         else:
             tail = "- | - | - |"
         print(f"| {row['backend']} | {row['dtype']} | {ms:.2f} | {rate:.1f} | {tail}")
+
+
+def case_b_floor(row, rows):
+    """Seconds no case (b) call on this backend and dtype can beat, and whence.
+
+    Each part is the faster of the dtype's own products and the float32
+    products of the same backend: converting weights to float32 and
+    multiplying those (what XLA does with bfloat16 and int8 weights inside a
+    loop) costs at least the float32 products.
+    """
+    same = [r for r in rows if r["backend"] == row["backend"] and "prefill_s" in r]
+    options = [r for r in same if r["dtype"] in (row["dtype"], "float32")]
+    prefill = min(options, key=lambda r: r["prefill_s"])
+    decode = min(options, key=lambda r: r["ms_per_token"])
+    seconds = prefill["prefill_s"] + (NEW_B - 1) * decode["ms_per_token"] / 1e3
+    return seconds, prefill["dtype"], decode["dtype"]
+
+
+def print_case_b(rows, peers, repeats):
+    print(
+        f"# matmul_floor case (b): a {PROMPT_B}-token prompt's weight products "
+        f"(56 of {PROMPT_B} rows, the head on the last row) + {NEW_B - 1} decode "
+        f"tokens' products; medians of {repeats} rounds. No attention, norms or "
+        "sampling: a floor. The llama.cpp column is its whole case (b) call "
+        f"with flash attention; the budget is that / {TARGET_B}"
+    )
+    print(
+        "| backend | dtype | prefill products s | decode products ms/token "
+        "| floor s (prefill from / decode from) | llama.cpp | llama.cpp s "
+        f"| budget s (/{TARGET_B}) | floor / budget |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "prefill_s" not in row:
+            continue
+        floor, prefill_from, decode_from = case_b_floor(row, rows)
+        peer = PEER[row["dtype"]]
+        case_b_s = peers.get(peer, {}).get("case_b_s")
+        if case_b_s:
+            budget = case_b_s / TARGET_B
+            verdict = "over: unreachable" if floor > budget else "under"
+            tail = f"{peer} flash | {case_b_s:.2f} | {budget:.2f} | "
+            tail += f"{floor / budget:.2f} ({verdict}) |"
+        else:
+            tail = "- | - | - | - |"
+        print(
+            f"| {row['backend']} | {row['dtype']} | {row['prefill_s']:.3f} "
+            f"| {row['ms_per_token']:.2f} | {floor:.2f} ({prefill_from} / "
+            f"{decode_from}) | {tail}"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="jax,tensorflow,torch")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8")
+    parser.add_argument("--cases", default="a", help="a, b or a,b")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
+    cases = args.cases.split(",")
+    if not set(cases) <= {"a", "b"}:
+        parser.error(f"--cases takes a, b or a,b; received {args.cases!r}")
+    if args.child:
+        child(args.child, dtypes, args.repeats, cases)
+        return
+    rows = []
+    for backend in args.backends.split(","):
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        command = [sys.executable, __file__, "--child", backend]
+        command += ["--dtypes", args.dtypes, "--repeats", str(args.repeats)]
+        command += ["--cases", args.cases]
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        if process.returncode != 0:
+            print(f"# {backend} failed: {process.stderr.strip()[-500:]}")
+        rows += [json.loads(x) for x in process.stdout.splitlines() if x[:1] == "{"]
+    peers = {}
+    if not args.no_llamacpp:
+        peers = llamacpp_times([PEER[d] for d in dtypes], args.repeats, cases)
+    if "a" in cases:
+        print_case_a(rows, peers, args.repeats)
+    if "b" in cases:
+        print_case_b(rows, peers, args.repeats)
 
 
 if __name__ == "__main__":
