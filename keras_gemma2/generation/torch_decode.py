@@ -402,6 +402,8 @@ class TorchDecoder:
 
         batch = token.shape[0]
         x = self._embed(token)  # [B, D]
+        if torch.is_tensor(position):  # a CPU scalar for a model on a GPU
+            position = position.to(x.device)
         if global_span is None:
             # Slot s of a ring holds position s until the ring wraps, so a
             # local layer reads the written prefix, as a global one does;

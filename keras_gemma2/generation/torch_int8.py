@@ -77,7 +77,9 @@ class Int8Matrix:
         self.packed = None
         if quantizer is None and rows.is_contiguous():
             self.packed = rows
-            self.ones = torch.ones(rows.shape[0], dtype=torch.bfloat16)
+            self.ones = torch.ones(
+                rows.shape[0], dtype=torch.bfloat16, device=rows.device
+            )
 
     @classmethod
     def of_dense(cls, layer, shape, dtype):
@@ -114,6 +116,39 @@ class Int8Matrix:
         return rows / self.scale[token].unsqueeze(-1)
 
 
+# CUDA's `torch._int_mm` (cuBLASLt, torch 2.11 on an H200) wants more than
+# 16 rows in its first operand, and inner and output sizes that are
+# multiples of 8; with a row-major second operand (Keras' int8 kernels) it
+# failed with CUBLAS_STATUS_NOT_SUPPORTED for inner sizes 32 and 64. The
+# transposed product `(matrix.T @ rows.T).T` passes the weight as a
+# column-major first operand and the (padded) rows as the second, which it
+# took at every size tried; the CPU kernel takes any.
+_CUDA_ALIGNMENT = 8
+_CUDA_MIN_OUTPUTS = 17
+
+
+def int_mm(codes, matrix_codes):
+    """`codes [M, in] int8 @ matrix_codes [in, out] int8`, exact, int32.
+
+    `torch._int_mm`; on CUDA as `(matrix_codes.T @ codes.T).T`, the rows
+    padded with zero rows to a multiple of 8, and in float64 (exact for
+    int8 products summed over fewer than 2**38 terms) where the sizes do not
+    suit its kernel.
+    """
+    torch = _torch()
+    if codes.device.type != "cuda":
+        return torch._int_mm(codes, matrix_codes)
+    rows, inner = codes.shape
+    outputs = matrix_codes.shape[1]
+    if inner % _CUDA_ALIGNMENT or outputs < _CUDA_MIN_OUTPUTS:
+        product = codes.to(torch.float64) @ matrix_codes.to(torch.float64)
+        return product.to(torch.int32)
+    padded_rows = -(-rows // _CUDA_ALIGNMENT) * _CUDA_ALIGNMENT
+    if padded_rows != rows:
+        codes = torch.cat([codes, codes.new_zeros((padded_rows - rows, inner))])
+    return torch._int_mm(matrix_codes.T, codes.T).T[:rows]
+
+
 def products(x, *matrices):
     """`x @ matrix` for each of `matrices` (`Int8Matrix` or tensors).
 
@@ -121,7 +156,6 @@ def products(x, *matrices):
     (query, key and value read the same rows; so do gate and up). Results
     take the dtypes the Keras layers' products take.
     """
-    torch = _torch()
     rows = x.reshape(-1, x.shape[-1])  # [M, in]
     quantized = {}
     results = []
@@ -134,7 +168,7 @@ def products(x, *matrices):
             if key not in quantized:
                 quantized[key] = quantize_rows(rows, matrix.quantizer)
             codes, scale = quantized[key]
-            product = torch._int_mm(codes, matrix.codes).to(matrix.dtype)
+            product = int_mm(codes, matrix.codes).to(matrix.dtype)
             product = product / (scale * matrix.scale)
         else:
             product = _weight_only_product(rows, matrix)
@@ -179,7 +213,7 @@ def _weight_only_product(rows, matrix):
             residual = residual - codes.to(rows.dtype) / scale
             terms.append(codes)
             scales.append(scale)
-        parts = torch._int_mm(torch.cat(terms), matrix.codes).to(dtype)
+        parts = int_mm(torch.cat(terms), matrix.codes).to(dtype)
         parts = parts.view(3, rows.shape[0], -1)  # [3, M, out]
         product = parts[0] / scales[0] + parts[1] / scales[1] + parts[2] / scales[2]
         return product / matrix.scale

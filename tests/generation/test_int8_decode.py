@@ -19,7 +19,7 @@ from keras import ops
 
 from keras_gemma2.generation import torch_decode
 from keras_gemma2.generation.kv_cache import empty_cache
-from keras_gemma2.generation.torch_int8 import Int8Matrix, products
+from keras_gemma2.generation.torch_int8 import Int8Matrix, int_mm, products
 from tests.generation.test_generate import make_causal_lm
 from tests.generation.test_quantized_decode import padded_prompts
 from tests.generation.test_torch_decode import (
@@ -138,3 +138,29 @@ def test_int4_layers_are_named_and_left_to_the_portable_path():
     assert set(reasons) == {block.attention.query_dense.path for block in blocks}
     assert set(reasons.values()) == {"quantization_mode='int4'"}
     assert not torch_decode.supports(causal_lm)
+
+
+def _devices():
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(
+    "rows, inner, outputs",
+    [(1, 32, 64), (2, 48, 96), (3, 64, 64), (17, 32, 64), (9, 512, 256), (1, 12, 40)],
+)
+def test_int_mm_is_the_exact_integer_product(device, rows, inner, outputs):
+    # Decode-sized row counts (which CUDA's kernel refuses unpadded), the
+    # tiny config's inner sizes (which it refused with Keras' row-major
+    # kernels), a prefill-sized count, and an inner size off its alignment.
+    import torch
+
+    generator = torch.Generator().manual_seed(rows * inner + outputs)
+    codes = torch.randint(-127, 128, (rows, inner), generator=generator)
+    matrix = torch.randint(-127, 128, (inner, outputs), generator=generator)
+    expected = codes.double() @ matrix.double()  # exact: |sum| < 2**53
+    product = int_mm(codes.to(torch.int8).to(device), matrix.to(torch.int8).to(device))
+    assert product.dtype == torch.int32 and product.shape == (rows, outputs)
+    np.testing.assert_array_equal(product.cpu().numpy(), expected.int().numpy())

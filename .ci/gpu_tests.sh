@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The decode-path tests on a CUDA GPU (run through the `device` tool, on its
+# image: python3 with torch, jax[cuda] and transformers, no keras, nothing
+# fetchable). Carry `.gpuwheels` holding the wheels of keras, keras-hub and
+# their missing dependencies for that python (`pip download --no-deps --only-binary :all:
+# --python-version 3.12 --platform manylinux_2_28_x86_64 -d .gpuwheels
+# "keras==3.15.*" "keras-hub==0.32.*" kagglehub "kagglesdk==0.1.28" namex optree`).
+# Usage: [GPU_BACKENDS="torch jax"] bash .ci/gpu_tests.sh [pytest args...]
+# (from the repository root)
+set -uo pipefail
+export PYTHONPATH="/tmp/site:$(pwd)" PYTHONUNBUFFERED=1
+# XLA on GPU takes float32 dots in TF32 unless asked: the tests compare with
+# float32 references at float32 tolerances.
+export JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PYTHON:-python3}
+$PY -m pip install -q --no-deps --target /tmp/site .gpuwheels/*.whl
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+$PY - <<'PYEOF'
+import torch
+print("torch", torch.__version__, torch.cuda.get_device_name())
+a = torch.randint(-127, 127, (1, 512), dtype=torch.int8, device="cuda")
+b = torch.randint(-127, 127, (512, 256), dtype=torch.int8, device="cuda")
+for m in (1, 17):
+    try:
+        torch._int_mm(a.expand(m, -1).contiguous(), b)
+        print(f"_int_mm cuda M={m}: ok")
+    except Exception as e:
+        print(f"_int_mm cuda M={m}: {type(e).__name__}: {str(e)[:120]}")
+try:
+    torch.ops.aten._weight_int8pack_mm(
+        a.to(torch.bfloat16), b.T.contiguous(),
+        torch.ones(256, dtype=torch.bfloat16, device="cuda"))
+    print("_weight_int8pack_mm cuda: ok")
+except Exception as e:
+    print(f"_weight_int8pack_mm cuda: {type(e).__name__}: {str(e)[:120]}")
+PYEOF
+TESTS=(tests/generation/test_torch_decode.py tests/generation/test_int8_decode.py
+       tests/generation/test_quantized_decode.py tests/generation/test_decode_paths.py
+       tests/generation/test_generate.py)
+status=0
+for backend in ${GPU_BACKENDS:-torch jax}; do
+    echo "==== KERAS_BACKEND=$backend"
+    KERAS_BACKEND=$backend timeout 230 $PY -m pytest -q -p no:cacheprovider \
+        -o addopts="" -rfE --maxfail=30 "${TESTS[@]}" "$@" || status=$?
+done
+exit $status
