@@ -58,6 +58,7 @@ table says whether the floor already exceeds that time / 1.2, the target.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -368,12 +369,9 @@ def llamacpp_times(types, repeats, cases):
                 prompt = [10 + i % 4000 for i in range(PROMPT_B)]
                 run = llama_runner(path, True, PROMPT_B + NEW_B, threads)
                 run(prompt, NEW_B)  # warm-up
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    run(prompt, NEW_B)
-                    times.append(time.perf_counter() - start)
-                results[gguf_type]["case_b_s"] = statistics.median(times)
+                results[gguf_type]["case_b_s"] = median_seconds(
+                    functools.partial(run, prompt, NEW_B), repeats, 1
+                )
     return results
 
 
