@@ -231,9 +231,10 @@ def torch_products(dtype, rows_in=1):
         for n in (HIDDEN, FFW)
     }
     if dtype == "int8":
+        # TorchDecoder's own int8 product (`torch._int_mm` on CPU, any rows).
+        from keras_gemma2.generation.torch_int8 import int_mm
+
         kernels, (table, table_scale) = int8_weights()
-        # `_int_mm` takes `[K, N]` int8 (and M > 16 rows); pad the row as
-        # `TorchDecoder` does.
         kernels = [(torch.from_numpy(c), torch.from_numpy(s)) for c, s in kernels]
         table = torch.from_numpy(np.ascontiguousarray(table))
         table_scale = torch.from_numpy(table_scale)
@@ -241,12 +242,7 @@ def torch_products(dtype, rows_in=1):
         def product(x, codes, scale, transpose=False):
             row_scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
             q = torch.round(x / row_scale).to(torch.int8)
-            count = q.shape[0]
-            if count <= 16:
-                padded = torch.zeros((17, q.shape[1]), dtype=torch.int8)
-                padded[:count] = q
-                q = padded
-            out = torch._int_mm(q, codes.T if transpose else codes)[:count]
+            out = int_mm(q, codes.T if transpose else codes)
             return out.float() * row_scale * scale.reshape(1, -1)
 
         def run():
