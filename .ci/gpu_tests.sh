@@ -22,25 +22,6 @@ export NVIDIA_TF32_OVERRIDE=0 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0
 PY=${PYTHON:-python3}
 $PY -m pip install -q --no-deps --target /tmp/site .gpuwheels/*.whl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-$PY - <<'PYEOF'
-import torch
-print("torch", torch.__version__, torch.cuda.get_device_name())
-a = torch.randint(-127, 127, (1, 512), dtype=torch.int8, device="cuda")
-b = torch.randint(-127, 127, (512, 256), dtype=torch.int8, device="cuda")
-for m in (1, 17):
-    try:
-        torch._int_mm(a.expand(m, -1).contiguous(), b)
-        print(f"_int_mm cuda M={m}: ok")
-    except Exception as e:
-        print(f"_int_mm cuda M={m}: {type(e).__name__}: {str(e)[:120]}")
-try:
-    torch.ops.aten._weight_int8pack_mm(
-        a.to(torch.bfloat16), b.T.contiguous(),
-        torch.ones(256, dtype=torch.bfloat16, device="cuda"))
-    print("_weight_int8pack_mm cuda: ok")
-except Exception as e:
-    print(f"_weight_int8pack_mm cuda: {type(e).__name__}: {str(e)[:120]}")
-PYEOF
 TESTS=(tests/generation/test_torch_decode.py tests/generation/test_int8_decode.py
        tests/generation/test_quantized_decode.py tests/generation/test_decode_paths.py
        tests/generation/test_generate.py)
