@@ -19,6 +19,8 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma2.layers.int8_products import duplicate_row, xla_int8_backend
+
 
 def _contracted_axes(equation):
     """How many leading kernel axes `equation` contracts, or `None`.
@@ -63,6 +65,21 @@ def _single_row_axes(layer, x):
     return count
 
 
+def _int8_duplicated(layer, x):
+    """Whether `layer(x)` should run as two rows on XLA's int8 kernels."""
+    if not xla_int8_backend() or not isinstance(layer, keras.layers.EinsumDense):
+        return False
+    if getattr(layer, "quantization_mode", None) != "int8":
+        return False
+    if not getattr(layer, "inputs_quantizer", None):
+        return False  # float rows times int8 weights: no int8 product
+    count = _contracted_axes(layer.equation)
+    shape = tuple(x.shape)
+    if count is None or any(not isinstance(d, int) for d in shape):
+        return False
+    return math.prod(shape[:-count]) == 1
+
+
 def project(layer, x):
     """`layer(x)` for an `EinsumDense` layer; one row goes two-row on TensorFlow.
 
@@ -83,6 +100,8 @@ def project(layer, x):
     >>> bool(np.allclose(to_numpy(project(dense, x)), to_numpy(dense(x))))
     True
     """
+    if _int8_duplicated(layer, x):
+        return duplicate_row(layer, x)
     count = _single_row_axes(layer, x)
     if count is None:
         return layer(x)

@@ -45,11 +45,12 @@ def _computation(text, name):
     return text[match.start() : text.index("\n}", match.start())]
 
 
-def cache_copies_in_loop(causal_lm, hlo_text):
-    """Copies of cache-shaped buffers inside the decode segment's loop body.
+def decode_loop_bodies(causal_lm, hlo_text):
+    """`(loop body texts, state)` of a compiled decode segment, batch 1.
 
     `hlo_text(segment, args)` returns the optimized HLO text of the compiled
-    `segment` for `args`.
+    `segment` for `args`; `state` is the prefill's `(prompt, caches, index,
+    done)`.
     """
     token_ids = np.zeros((1, MAX_LENGTH), "int32")
     token_ids[0, :PROMPT_LENGTH] = np.arange(2, 2 + PROMPT_LENGTH)
@@ -68,6 +69,12 @@ def cache_copies_in_loop(causal_lm, hlo_text):
     text = hlo_text(segment, (state, prompt_mask))
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", text)
     assert bodies, "the decode segment compiled without a loop"
+    return [_computation(text, body) for body in bodies], state
+
+
+def cache_copies_in_loop(causal_lm, hlo_text):
+    """Copies of cache-shaped buffers inside the decode segment's loop body."""
+    bodies, state = decode_loop_bodies(causal_lm, hlo_text)
     cache_shapes = {
         "[" + ",".join(str(d) for d in array.shape) + "]"
         for pair in state[1]
@@ -75,7 +82,7 @@ def cache_copies_in_loop(causal_lm, hlo_text):
     }
     copies = []
     for body in bodies:
-        for line in _computation(text, body).splitlines():
+        for line in body.splitlines():
             match = re.search(r"= \w+(\[[\d,]*\])\S* copy\(", line)
             if match and match.group(1) in cache_shapes:
                 copies.append(line.strip())
