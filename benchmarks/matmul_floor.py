@@ -18,8 +18,10 @@ layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
 - torch: eager `x @ w`, what `TorchDecoder` calls (torch has no decode
   program to hide dispatch in).
 - int8: per-output-channel int8 weights; the row quantized per row
-  (jax/tensorflow: int8 x int8 -> int32 dots, as Keras' int8 layers do;
-  torch: `torch._int_mm`, as `TorchDecoder` does).
+  (jax/tensorflow: int8 x int8 -> int32 dots, as Keras' int8 layers do,
+  with a lone row as two equal rows and the head's as three, as our XLA
+  decode step multiplies them, see `xla_int8_rows`; torch:
+  `torch._int_mm`, as `TorchDecoder` does).
 
 The weights (about 190 MB in float32) exceed this machine's caches, so
 every product streams its matrix from memory, as in decoding. Each backend
@@ -35,15 +37,14 @@ backend's kernels can match llama.cpp there: that is the floor the issue's
 targets are read against.
 
 A floor holds only where our decoder cannot beat the bare products. On
-float32 (every backend) and on torch (every dtype) our decode steps are
-slower than these products plus the rest of the model, as expected. On
-jax and tensorflow in bfloat16 and int8 they are not: the isolated dots
-ran at 35-88 ms per token against 10-15 ms for our whole compiled decode
-step (XLA picked slower kernels for the lone dots, even chained one after
-another), so those rows bound nothing and are printed for the record only.
-Inside a loop, XLA converts bfloat16 weights to float32 copies and int8
-weights to int32 copies before the loop, and multiplies those. So there the
-floor is the float32 row (`docs/decode_speed.md` shows the compiled HLO).
+float32 (every backend), on torch (every dtype) and on jax and tensorflow
+in int8 our decode steps are slower than these products plus the rest of
+the model, as expected. On jax and tensorflow in bfloat16 they are not: the
+isolated one-row dots ran at 35-88 ms per token against 10-15 ms for our
+whole compiled decode step, so those rows bound nothing and are printed for
+the record only. Inside a loop, XLA converts bfloat16 weights to float32
+copies before the loop and multiplies those, so there the floor is the
+float32 row (`docs/decode_speed.md` shows the compiled HLO).
 
 `--cases b` adds the floor of case (b) of `benchmarks/vs_llamacpp.py` (a
 2048-token prompt, 128 new tokens): the prompt's weight products (the 56
@@ -115,6 +116,19 @@ def int8_weights():
     return [quantize(k, 0) for k in kernels], quantize(embedding, 1)
 
 
+def xla_int8_rows(x, copies, concatenate):
+    """A lone row as `copies` rows, the form our XLA decode step multiplies.
+
+    `keras_gemma2.layers.int8_products`: XLA runs int8 x int8 products on
+    its int8 kernels only with two or more rows, so the decoder's one-row
+    projections take two equal rows and its head three (the hidden row split
+    into three int8 terms). Here the copies are equal; the time is the same.
+    """
+    if x.shape[0] != 1:
+        return x
+    return concatenate([x] * copies, 0)
+
+
 def jax_products(dtype, rows_in=1):
     import jax
     import jax.numpy as jnp
@@ -131,8 +145,8 @@ def jax_products(dtype, rows_in=1):
             scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
             return jnp.round(x / scale).astype(jnp.int8), scale
 
-        def product(x, codes, scale, transpose=False):
-            q, row_scale = quantize_row(x)
+        def product(x, codes, scale, transpose=False, copies=2):
+            q, row_scale = quantize_row(xla_int8_rows(x, copies, jnp.concatenate))
             dims = (((1,), (1 if transpose else 0,)), ((), ()))
             out = jax.lax.dot_general(q, codes, dims, preferred_element_type=jnp.int32)
             scale = scale.reshape(1, -1)
@@ -142,7 +156,8 @@ def jax_products(dtype, rows_in=1):
         def token(rows, arguments):
             kernels, (table, table_scale) = arguments
             outs = [product(rows[k.shape[0]], k, s) for k, s in kernels]
-            outs.append(product(rows[HIDDEN][-1:], table, table_scale, transpose=True))
+            head = rows[HIDDEN][-1:]
+            outs.append(product(head, table, table_scale, transpose=True, copies=3))
             return outs
 
     else:
@@ -187,7 +202,8 @@ def tensorflow_products(dtype, rows_in=1):
         kernels = [(tf.constant(c), tf.constant(s)) for c, s in kernels]
         table, table_scale = tf.constant(table), tf.constant(table_scale)
 
-        def product(x, codes, scale, transpose=False):
+        def product(x, codes, scale, transpose=False, copies=2):
+            x = xla_int8_rows(x, copies, tf.concat)
             row_scale = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True) / 127.0
             q = tf.cast(tf.round(x / row_scale), tf.int8)
             out = tf.matmul(q, codes, transpose_b=transpose, output_type=tf.int32)
@@ -197,7 +213,8 @@ def tensorflow_products(dtype, rows_in=1):
         def token(small, large):
             rows = {HIDDEN: small, FFW: large}
             outs = [product(rows[c.shape[0]], c, s) for c, s in kernels]
-            outs.append(product(small[-1:], table, table_scale, transpose=True))
+            head = small[-1:]
+            outs.append(product(head, table, table_scale, transpose=True, copies=3))
             return outs
 
     else:
@@ -398,8 +415,8 @@ def case_b_floor(row, rows):
 
     Each part is the faster of the dtype's own products and the float32
     products of the same backend: converting weights to float32 and
-    multiplying those (what XLA does with bfloat16 and int8 weights inside a
-    loop) costs at least the float32 products.
+    multiplying those (what XLA does with bfloat16 weights inside a loop)
+    costs at least the float32 products.
     """
     same = [r for r in rows if r["backend"] == row["backend"] and "prefill_s" in r]
     options = [r for r in same if r["dtype"] in (row["dtype"], "float32")]
