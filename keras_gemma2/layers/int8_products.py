@@ -101,13 +101,12 @@ def split_int8(x):
 def _int8_rows_times_table(codes, table):
     """int32 `codes [..., R, D] . table [V, D]` over `D`: `[..., R, V]`."""
     table = ops.convert_to_tensor(table)
-    backend = keras.config.backend()
-    if backend not in ("jax", "tensorflow"):
+    if not xla_int8_backend():
         # Exact, without int8 kernels (torch decodes with `TorchDecoder`).
         return ops.einsum(
             "...rd,vd->...rv", ops.cast(codes, "int32"), ops.cast(table, "int32")
         )
-    if backend == "tensorflow":
+    if keras.config.backend() == "tensorflow":
         import tensorflow as tf
 
         rows = tf.reshape(codes, (-1, codes.shape[-1]))
