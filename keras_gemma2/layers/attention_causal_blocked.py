@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_gemma2.layers.attention_masks import attention_mask
 from keras_gemma2.layers.attention_policy import GLOBAL_BLOCK_SIZE
-from keras_gemma2.layers.attention_reference import reference_attention
+from keras_gemma2.layers.attention_probabilities import masked_probabilities
 
 
 def causal_blocked_attention(
@@ -24,10 +24,11 @@ def causal_blocked_attention(
     keys `[0, (b + 1) * block)`, so the blocks together compute the causal
     triangle, `T * (T + block) / 2` logits instead of `T^2`, and at most
     `block * T` of them exist at once instead of `T^2`. Each block is the
-    reference computation on its key prefix (every key a query may see is in
-    it), so its softmax is exact. Blocks have different shapes: the length
-    must be static (the loop is unrolled). Rows with no visible key are fixed
-    by the caller.
+    reference computation (`attention_reference`: the same soft cap, mask
+    and float32 softmax) on its key prefix, in a heads-first layout; every
+    key a query may see is in the prefix, so its softmax is exact. Blocks
+    have different shapes: the length must be static (the loop is unrolled).
+    Rows with no visible key are fixed by the caller.
 
     Args:
         query: `[B, T, N, H]` (scaled).
@@ -54,6 +55,19 @@ def causal_blocked_attention(
     if remat and dropout is not None:
         raise ValueError("`remat=True` needs `dropout=None`.")
     block = block_size or GLOBAL_BLOCK_SIZE
+    batch_size = ops.shape(query)[0]
+    num_heads, head_dim = query.shape[2], query.shape[3]
+    kv_heads = key.shape[2]
+    groups = num_heads // kv_heads
+    # Heads lead, once for all blocks: each block's queries and keys are then
+    # contiguous slices, and both products are plain batched matmuls over
+    # (B, K). Slicing the [B, T, N, H] layout block by block made XLA (jax,
+    # CPU) transpose every block's keys and logits again: 142 -> 97 ms per
+    # global layer at 2048 tokens (8 / 4 heads, head_dim 64).
+    query = ops.reshape(query, (batch_size, length, kv_heads, groups, head_dim))
+    query = ops.transpose(query, (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+    key = ops.transpose(key, (0, 2, 1, 3))  # [B, K, T, H]
+    value = ops.transpose(value, (0, 2, 1, 3))
     positions = ops.arange(length, dtype="int32")
     outputs = []
     for start in range(0, length, block):
@@ -66,11 +80,19 @@ def causal_blocked_attention(
         )
 
         def block_attention(query, key, value, mask=mask):
-            return reference_attention(query, key, value, mask, soft_cap, dropout)
+            logits = ops.einsum("bkgth,bksh->bkgts", query, key)
+            probabilities = masked_probabilities(
+                logits, mask[:, None, None], soft_cap, value.dtype, dropout
+            )
+            return ops.einsum("bkgts,bksh->bkgth", probabilities, value)
 
         if remat:
             block_attention = keras.remat(block_attention)
         outputs.append(
-            block_attention(query[:, start:end], key[:, :end], value[:, :end])
+            block_attention(
+                query[:, :, :, start:end], key[:, :, :end], value[:, :, :end]
+            )
         )
-    return ops.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+    attended = ops.concatenate(outputs, axis=3) if len(outputs) > 1 else outputs[0]
+    attended = ops.transpose(attended, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
+    return ops.reshape(attended, (batch_size, length, num_heads, head_dim))

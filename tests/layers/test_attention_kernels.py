@@ -186,13 +186,13 @@ def test_blocked_equals_reference_forward_and_gradients(case):
 def test_causal_blocked_computes_only_the_triangle(monkeypatch):
     """Each query block sees only its key prefix: the logits are a triangle."""
     widths = []
-    reference = attention_causal_blocked.reference_attention
+    probabilities = attention_causal_blocked.masked_probabilities
 
-    def recording(query, key, value, mask, soft_cap=None, dropout=None):
-        widths.append((query.shape[1], key.shape[1]))
-        return reference(query, key, value, mask, soft_cap, dropout)
+    def recording(logits, mask, soft_cap, dtype, dropout):
+        widths.append(tuple(logits.shape[-2:]))  # [B, K, G, queries, keys]
+        return probabilities(logits, mask, soft_cap, dtype, dropout)
 
-    monkeypatch.setattr(attention_causal_blocked, "reference_attention", recording)
+    monkeypatch.setattr(attention_causal_blocked, "masked_probabilities", recording)
     q, k, v = random_inputs(1, 10, 2, 1)
     attention(q, k, v, implementation="blocked", block_size=4)
     assert widths == [(4, 4), (4, 8), (2, 10)]  # 72 logits, not 100
