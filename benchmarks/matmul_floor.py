@@ -13,8 +13,13 @@ sampling or dispatch of Keras layers), in the layouts our decoders use:
 layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
 `[vocabulary, hidden]` table.
 
-- jax: all 57 products in one `jax.jit` program (no per-op dispatch).
-- tensorflow: all 57 in one `tf.function(jit_compile=True)` program.
+- jax: the 57 products of 20 tokens in one `jax.jit` program, a loop
+  whose every token's rows depend on all products of the one before (as
+  our compiled decode loop runs them: no per-op or per-token dispatch).
+- tensorflow: the same loop in one `tf.function(jit_compile=True)`
+  program. On both, the weights are arguments of the program, as the
+  model's variables are (captured as constants, TensorFlow's XLA folded
+  the int8 codes into int32 copies: 6.9-12.6 ms per token).
 - torch: eager `x @ w`, what `TorchDecoder` calls (torch has no decode
   program to hide dispatch in).
 - int8: per-output-channel int8 weights; the row quantized per row
@@ -26,7 +31,8 @@ layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
 The weights (about 190 MB in float32) exceed this machine's caches, so
 every product streams its matrix from memory, as in decoding. Each backend
 runs in its own process; one timed call is one token's products, and the
-table gives the median of `--repeats` rounds of 20 calls.
+table gives the median of `--repeats` rounds of 20 tokens (20 calls on
+torch, one looped program on jax and tensorflow).
 
 With llama-cpp-python installed, the same run times llama.cpp's whole
 decode step on the same mid config (random weights, our GGUF export; f32,
@@ -40,11 +46,12 @@ A floor holds only where our decoder cannot beat the bare products. On
 float32 (every backend), on torch (every dtype) and on jax and tensorflow
 in int8 our decode steps are slower than these products plus the rest of
 the model, as expected. On jax and tensorflow in bfloat16 they are not: the
-isolated one-row dots ran at 35-88 ms per token against 10-15 ms for our
-whole compiled decode step, so those rows bound nothing and are printed for
-the record only. Inside a loop, XLA converts bfloat16 weights to float32
-copies before the loop and multiplies those, so there the floor is the
-float32 row (`docs/decode_speed.md` shows the compiled HLO).
+one-row bfloat16 dots (9.6-14 ms per token here, 35-88 ms as single-token
+programs) took about as long as our whole compiled decode step (10-15 ms),
+so those rows bound nothing and are printed for the record only. Our decode
+loop converts bfloat16 weights to float32 copies before the loop and
+multiplies those, so there the floor is the float32 row
+(`docs/decode_speed.md` shows the compiled HLO).
 
 `--cases b` adds the floor of case (b) of `benchmarks/vs_llamacpp.py` (a
 2048-token prompt, 128 new tokens): the prompt's weight products (the 56
@@ -152,8 +159,7 @@ def jax_products(dtype, rows_in=1):
             scale = scale.reshape(1, -1)
             return out.astype(jnp.float32) * row_scale * scale
 
-        @jax.jit
-        def token(rows, arguments):
+        def products(rows, arguments):
             kernels, (table, table_scale) = arguments
             outs = [product(rows[k.shape[0]], k, s) for k, s in kernels]
             head = rows[HIDDEN][-1:]
@@ -168,8 +174,7 @@ def jax_products(dtype, rows_in=1):
             jnp.asarray(embedding, cast),
         )
 
-        @jax.jit
-        def token(rows, arguments):
+        def products(rows, arguments):
             kernels, embedding = arguments
             outs = [rows[k.shape[0]] @ k for k in kernels]
             outs.append(rows[HIDDEN][-1:] @ embedding.T)
@@ -182,8 +187,24 @@ def jax_products(dtype, rows_in=1):
         for n in (HIDDEN, FFW)
     }
 
-    def run():
-        jax.block_until_ready(token(rows, arguments))
+    if rows_in == 1:
+        # CALLS tokens in one program, as our decode loop runs them.
+        @jax.jit
+        def tokens(rows, arguments):
+            def step(_, rows):
+                return chained(rows, products(rows, arguments), jnp.sum)
+
+            return jax.lax.fori_loop(0, CALLS, step, rows)
+
+        def run():
+            jax.block_until_ready(tokens(rows, arguments))
+
+        run.tokens = CALLS
+    else:
+        token = jax.jit(products)
+
+        def run():
+            jax.block_until_ready(token(rows, arguments))
 
     return run
 
@@ -209,33 +230,64 @@ def tensorflow_products(dtype, rows_in=1):
             out = tf.matmul(q, codes, transpose_b=transpose, output_type=tf.int32)
             return tf.cast(out, tf.float32) * row_scale * tf.reshape(scale, (1, -1))
 
-        @tf.function(jit_compile=True)
-        def token(small, large):
-            rows = {HIDDEN: small, FFW: large}
+        arguments = (kernels, (table, table_scale))
+
+        def products(rows, arguments):
+            kernels, (table, table_scale) = arguments
             outs = [product(rows[c.shape[0]], c, s) for c, s in kernels]
-            head = small[-1:]
+            head = rows[HIDDEN][-1:]
             outs.append(product(head, table, table_scale, transpose=True, copies=3))
             return outs
 
     else:
         cast = tf.bfloat16 if dtype == "bfloat16" else tf.float32
         kernels, embedding = weights("float32")
-        kernels = [tf.cast(tf.constant(k), cast) for k in kernels]
-        embedding = tf.cast(tf.constant(embedding), cast)
+        arguments = (
+            [tf.cast(tf.constant(k), cast) for k in kernels],
+            tf.cast(tf.constant(embedding), cast),
+        )
         rows = {n: tf.cast(r, cast) for n, r in rows.items()}
 
-        @tf.function(jit_compile=True)
-        def token(small, large):
-            rows = {HIDDEN: small, FFW: large}
+        def products(rows, arguments):
+            kernels, embedding = arguments
             outs = [rows[k.shape[0]] @ k for k in kernels]
-            outs.append(tf.matmul(small[-1:], embedding, transpose_b=True))
+            outs.append(tf.matmul(rows[HIDDEN][-1:], embedding, transpose_b=True))
             return outs
 
-    def run():
-        outs = token(rows[HIDDEN], rows[FFW])
-        outs[-1].numpy()
+    rows = {n: tf.constant(r) for n, r in rows.items()}
+    # The weights are arguments of the program, as the model's variables are:
+    # captured as constants, XLA folded the int8 codes into int32 copies.
+    if rows_in == 1:
+        # CALLS tokens in one program, as our decode loop runs them.
+        @tf.function(jit_compile=True, autograph=False)
+        def tokens(rows, arguments):
+            def step(i, rows):
+                return i + 1, chained(rows, products(rows, arguments), tf.reduce_sum)
+
+            return tf.while_loop(lambda i, _: i < CALLS, step, (0, rows))[1]
+
+        def run():
+            outs = tokens(rows, arguments)
+            outs[HIDDEN].numpy()
+
+        run.tokens = CALLS
+    else:
+        token = tf.function(products, jit_compile=True, autograph=False)
+
+        def run():
+            token(rows, arguments)[-1].numpy()
 
     return run
+
+
+def chained(rows, outs, total):
+    """The next token's input rows: `rows` nudged by every product's sum.
+
+    Each token of a looped program then depends on all products of the one
+    before, so none is hoisted out of the loop or skipped.
+    """
+    nudge = sum(total(out) for out in outs) * 1e-12
+    return {n: r + nudge for n, r in rows.items()}
 
 
 def torch_products(dtype, rows_in=1):
@@ -312,7 +364,9 @@ def child(backend, dtypes, repeats, cases):
         run = make(dtype)
         run()  # compile
         row = {"backend": backend, "dtype": dtype}
-        row["ms_per_token"] = median_seconds(run, repeats, CALLS) * 1e3
+        tokens = getattr(run, "tokens", 1)  # tokens per call
+        seconds = median_seconds(run, repeats, CALLS // tokens) / tokens
+        row["ms_per_token"] = seconds * 1e3
         if "b" in cases:
             run = make(dtype, rows_in=PROMPT_B)
             start = time.perf_counter()
@@ -391,7 +445,7 @@ def llamacpp_times(types, repeats, cases):
 def print_case_a(rows, peers, repeats):
     print(
         f"# matmul_floor: {os.cpu_count()} cores; one token's 57 weight products "
-        f"of the mid config; medians of {repeats} rounds of {CALLS} calls"
+        f"of the mid config; medians of {repeats} rounds of {CALLS} tokens"
     )
     print(
         "| backend | dtype | products ms/token | GB/s | llama.cpp type "
