@@ -177,7 +177,9 @@ def jax_products(dtype, rows_in=1):
         def products(rows, arguments):
             kernels, embedding = arguments
             outs = [rows[k.shape[0]] @ k for k in kernels]
-            outs.append(rows[HIDDEN][-1:] @ embedding.T)
+            # The decoder's form (`last_axis_product`): `x @ embedding.T`
+            # let XLA hoist a transposed copy of the table out of the loop.
+            outs.append(jnp.einsum("td,vd->tv", rows[HIDDEN][-1:], embedding))
             return outs
 
     input_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
