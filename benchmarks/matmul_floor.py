@@ -330,11 +330,14 @@ def torch_products(dtype, rows_in=1):
         embedding = torch.from_numpy(embedding).to(cast)
         rows = {n: r.to(cast) for n, r in rows.items()}
 
+        # TorchDecoder's own float products (split over threads on CPU).
+        from keras_gemma2.generation.torch_matmul import product, transposed_product
+
         def run():
             with torch.no_grad():
                 for kernel in kernels:
-                    rows[kernel.shape[0]] @ kernel
-                rows[HIDDEN][-1:] @ embedding.T
+                    product(rows[kernel.shape[0]], kernel)
+                transposed_product(rows[HIDDEN][-1:], embedding)
 
     return run
 

@@ -35,7 +35,7 @@ import warnings
 import keras
 from keras import ops
 
-from keras_gemma2.generation import decode
+from keras_gemma2.generation import decode, torch_matmul
 from keras_gemma2.generation.kv_cache import empty_cache, ring_positions, ring_size
 from keras_gemma2.generation.torch_int8 import Int8Matrix, products
 from keras_gemma2.layers import gemma2_math as math
@@ -302,7 +302,7 @@ class TorchDecoder:
         if isinstance(self.embeddings, Int8Matrix):
             (logits,) = products(x, self.embeddings)
         else:
-            logits = x @ self.embeddings.T
+            logits = torch_matmul.transposed_product(x, self.embeddings)
         return math.soft_cap(logits, self.final_cap, TORCH_OPS)
 
     def _attend(self, layer, query, keys, values, valid=None):

@@ -31,6 +31,8 @@ A QLoRA adapter (`keras_gemma2.training.lora`) adds its low-rank product.
 
 import functools
 
+from keras_gemma2.generation import torch_matmul
+
 
 @functools.cache
 def _torch():
@@ -161,7 +163,7 @@ def products(x, *matrices):
     results = []
     for matrix in matrices:
         if not isinstance(matrix, Int8Matrix):
-            results.append(x @ matrix)
+            results.append(torch_matmul.product(x, matrix))
             continue
         if matrix.quantizer is not None:
             key = tuple(matrix.quantizer.value_range), matrix.quantizer.epsilon

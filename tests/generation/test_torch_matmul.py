@@ -1,0 +1,116 @@
+"""`torch_matmul`: TorchDecoder's sliced few-row products against float64."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma2.generation import torch_matmul
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="torch_matmul serves TorchDecoder, the torch backend's decode path",
+)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, as on the machine the slicing was measured on."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _bmm_calls(monkeypatch):
+    import torch
+
+    calls = []
+    real = torch.bmm
+
+    def recording(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "bmm", recording)
+    return calls
+
+
+@pytest.mark.parametrize("leading", [(1,), (3,), (2, 1), (8,)])
+@pytest.mark.parametrize("shape", [(512, 2048), (2048, 512), (512, 256)])
+def test_product_equals_float64(two_threads, monkeypatch, shape, leading):
+    import torch
+
+    generator = np.random.default_rng(0)
+    w = generator.standard_normal(shape).astype("float32")
+    x = generator.standard_normal(leading + shape[:1]).astype("float32")
+    calls = _bmm_calls(monkeypatch)
+    ours = torch_matmul.product(torch.from_numpy(x), torch.from_numpy(w)).numpy()
+    # The inner axis, cut in two (one slice per thread), one batched call.
+    rows = int(np.prod(leading))
+    assert calls == [((2, rows, shape[0] // 2), (2, shape[0] // 2, shape[1]))]
+    exact = x.astype("float64") @ w.astype("float64")
+    assert ours.shape == exact.shape
+    # float32 sums of `in` terms of size ~1: a few 1e-6 of sqrt(in).
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.sqrt(shape[0]))
+
+
+@pytest.mark.parametrize("leading", [(1,), (2, 1), (8,)])
+def test_transposed_product_equals_float64(two_threads, monkeypatch, leading):
+    import torch
+
+    generator = np.random.default_rng(1)
+    table = generator.standard_normal((4096, 512)).astype("float32")
+    x = generator.standard_normal(leading + (512,)).astype("float32")
+    calls = _bmm_calls(monkeypatch)
+    ours = torch_matmul.transposed_product(
+        torch.from_numpy(x), torch.from_numpy(table)
+    ).numpy()
+    rows = int(np.prod(leading))
+    assert calls == [((2, 2048, 512), (2, 512, rows))]
+    exact = x.astype("float64") @ table.astype("float64").T
+    assert ours.shape == exact.shape
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.sqrt(512))
+
+
+def test_head_is_sliced_even_on_one_thread(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        calls = _bmm_calls(monkeypatch)
+        table = torch.ones((1024, 512))
+        assert torch_matmul.transposed_product(torch.ones((1, 512)), table).shape == (
+            1,
+            1024,
+        )
+        assert len(calls) == 1
+        # ...but a projection is not: one thread has nothing to share.
+        torch_matmul.product(torch.ones((1, 512)), torch.ones((512, 1024)))
+        assert len(calls) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nine rows", "bfloat16", "small weight", "odd inner size"],
+)
+def test_other_products_are_plain(two_threads, monkeypatch, case):
+    import torch
+
+    x, w = torch.randn(1, 512), torch.randn(512, 1024)
+    if case == "nine rows":
+        x = torch.randn(torch_matmul.MAX_ROWS + 1, 512)
+    elif case == "bfloat16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "small weight":
+        w = torch.randn(512, 128)
+    else:
+        x, w = torch.randn(1, 513), torch.randn(513, 1024)
+    calls = _bmm_calls(monkeypatch)
+    ours = torch_matmul.product(x, w)
+    assert calls == []
+    assert torch.equal(ours, x @ w)
