@@ -131,3 +131,50 @@ def masked_softmax(logits, mask, cap, ops=keras_ops):
     if mask is not None:
         logits = ops.where(mask, logits, MASKED_LOGIT)
     return ops.softmax(logits, axis=-1)
+
+
+def masking_bias(mask, ops=keras_ops):
+    """float32 `0` where the bool `mask` is true, `MASKED_LOGIT` elsewhere."""
+    return ops.cast(ops.where(mask, 0.0, MASKED_LOGIT), "float32")
+
+
+def biased_softmax(logits, bias, cap, ops=keras_ops):
+    """`masked_softmax` in fewer, cheaper passes, for rows with a visible key.
+
+    The same probabilities up to float32 rounding, from two identities:
+
+    - `cap * tanh(x / cap) = 2 cap * sigmoid(2 x / cap) - cap`, and a
+      softmax ignores a constant added to every logit, so the soft cap
+      becomes `2 cap * sigmoid(2 x / cap)` (torch's CPU `tanh` measured 9x
+      slower than its `sigmoid`: 10.3 against 1.15 ms on 4.2M logits);
+    - the mask becomes an added `bias` (`masking_bias`): `MASKED_LOGIT`
+      plus a logit still underflows to probability 0 (a broadcast `where`
+      measured 5.3 ms there, an add 0.4).
+
+    A row whose keys are all masked (a padded query) does not come out
+    uniform here, as it does from `masked_softmax`; callers pass only rows
+    that see at least one key.
+
+    Args:
+        logits: `[..., S]` attention logits, any float dtype.
+        bias: float32, broadcastable to `logits`: 0 or `MASKED_LOGIT`.
+        cap: float or `None`, the attention-logit soft cap.
+        ops: the ops namespace. Defaults to `keras.ops`. It may be one
+            that overwrites `logits` (`torch_ops.TORCH_OPS_IN_PLACE`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> logits = np.array([[1.0, 30.0, -2.0]], "float32")
+    >>> mask = np.array([[True, True, False]])
+    >>> fast = biased_softmax(logits, masking_bias(mask), 50.0)
+    >>> exact = masked_softmax(logits, mask, 50.0)
+    >>> bool(np.allclose(keras_ops.convert_to_numpy(fast),
+    ...                  keras_ops.convert_to_numpy(exact), atol=1e-6))
+    True
+    """
+    logits = ops.cast(logits, "float32")
+    # Named ops, not operators: `TORCH_OPS_IN_PLACE` runs them in place.
+    if cap is not None:
+        logits = ops.multiply(ops.sigmoid(ops.multiply(logits, 2.0 / cap)), 2.0 * cap)
+    return ops.softmax(ops.add(logits, bias), axis=-1)

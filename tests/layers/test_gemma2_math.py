@@ -136,6 +136,43 @@ def test_masked_softmax(namespace):
     np.testing.assert_allclose(to_numpy(unmasked), plain, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("namespace", sorted(NAMESPACES) + ["torch_ops_in_place"])
+@pytest.mark.parametrize("cap", [4.0, 50.0, None])
+def test_biased_softmax(namespace, cap):
+    """The sigmoid soft cap and the added mask against float64 tanh and where."""
+    logits = RNG.normal(0, 20, (3, 7, 9))
+    mask = RNG.random((7, 9)) < 0.5
+    mask[:, 0] = True  # every row sees a key
+    capped = logits if cap is None else cap * np.tanh(logits / cap)
+    masked = np.where(mask, capped, -1e9)
+    expected = np.exp(masked - masked.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    if namespace == "torch_ops_in_place":
+        import torch
+
+        from keras_gemma2.layers.torch_ops import TORCH_OPS_IN_PLACE
+
+        ops_namespace = TORCH_OPS_IN_PLACE
+        given = torch.tensor(logits, dtype=torch.float32)
+        bias = gemma2_math.masking_bias(torch.tensor(mask), ops_namespace)
+    else:
+        ops_namespace, tensor = NAMESPACES[namespace]
+        given = tensor(logits)
+        mask_tensor = ops.convert_to_tensor(mask)
+        if namespace == "torch_ops":
+            import torch
+
+            mask_tensor = torch.tensor(mask)
+        bias = gemma2_math.masking_bias(mask_tensor, ops_namespace)
+    assert set(np.unique(to_numpy(bias))) == {0.0, np.float32(-1e9)}
+    actual = gemma2_math.biased_softmax(given, bias, cap, ops_namespace)
+    assert actual.shape == logits.shape
+    np.testing.assert_allclose(to_numpy(actual), expected, rtol=1e-5, atol=1e-7)
+    if namespace == "torch_ops_in_place" and cap is not None:
+        assert actual.data_ptr() != given.data_ptr()  # the softmax is new...
+        assert not np.allclose(to_numpy(given), logits)  # ...the logits spent
+
+
 @pytest.mark.parametrize("namespace", sorted(NAMESPACES))
 def test_embedding_scale_is_rounded_to_the_compute_dtype(namespace):
     ops_namespace, _ = NAMESPACES[namespace]
