@@ -158,13 +158,13 @@ def products(x, *matrices):
     (query, key and value read the same rows; so do gate and up). Results
     take the dtypes the Keras layers' products take.
     """
-    rows = x.reshape(-1, x.shape[-1])  # [M, in]
     quantized = {}
     results = []
     for matrix in matrices:
         if not isinstance(matrix, Int8Matrix):
             results.append(torch_matmul.product(x, matrix))
             continue
+        rows = x.reshape(-1, x.shape[-1])  # [M, in]
         if matrix.quantizer is not None:
             key = tuple(matrix.quantizer.value_range), matrix.quantizer.epsilon
             if key not in quantized:

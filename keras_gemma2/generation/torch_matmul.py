@@ -30,6 +30,7 @@ already spreads over threads. Everything else is `x @ w`.
 """
 
 import functools
+import weakref
 
 # Above this many rows, `x @ w` is a matrix product that runs on all
 # threads by itself.
@@ -43,6 +44,11 @@ MIN_ELEMENTS = 2**17
 MAX_SLICES = 16
 
 
+# `(id(weight), at_least) -> (threads, slices)`, so a decode step does not redo the
+# weight's checks 57 times a token. An entry leaves with its weight.
+_SLICES = {}
+
+
 @functools.cache
 def _torch():
     import torch
@@ -50,40 +56,57 @@ def _torch():
     return torch
 
 
-def _slices(x, w, axis_size, at_least):
-    """How many slices of `axis_size` to multiply `x` by `w` in; 1: don't."""
+def _sliced(x, w, at_least):
+    """`w` viewed as `[slices, -1, columns]` to multiply `x` by, or `None`.
+
+    `None`: multiply plainly (see the module docstring for when). Slices
+    cut `w`'s leading axis, as many as torch has threads (at least
+    `at_least`), a power of two that divides the axis.
+    """
     torch = _torch()
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
     if (
-        w.device.type != "cpu"
-        or w.dtype != torch.float32
-        or x.dtype != torch.float32
-        or not 0 < rows <= MAX_ROWS
-        or w.numel() < MIN_ELEMENTS
-        or not w.is_contiguous()
+        x.dtype != torch.float32
+        or x.dim() == 0
+        or not 0 < x.numel() // x.shape[-1] <= MAX_ROWS
     ):
-        return 1
-    slices = 1
-    threads = max(torch.get_num_threads(), at_least)
-    while slices * 2 <= min(threads, MAX_SLICES) and axis_size % (slices * 2) == 0:
-        slices *= 2
-    return slices
+        return None
+    threads = torch.get_num_threads()
+    key = id(w), at_least
+    known = _SLICES.get(key)
+    if known is None or known[0] != threads:
+        slices = 1
+        if (
+            w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and w.numel() >= MIN_ELEMENTS
+            and w.is_contiguous()
+        ):
+            most = min(max(threads, at_least), MAX_SLICES)
+            while slices * 2 <= most and w.shape[0] % (slices * 2) == 0:
+                slices *= 2
+        if known is None:
+            weakref.finalize(w, _SLICES.pop, key, None)
+        known = _SLICES[key] = (threads, slices)
+    slices = known[1]
+    return w.view(slices, -1, w.shape[1]) if slices > 1 else None
 
 
 def product(x, w):
     """`x [..., in] @ w [in, out]`, the inner axis split over threads."""
     torch = _torch()
-    inner, outer = w.shape
     # One thread gains nothing from splitting a projection.
-    slices = _slices(x, w, inner, at_least=1)
-    if slices == 1:
+    sliced = _sliced(x, w, at_least=1)
+    if sliced is None:
         return x @ w
-    rows = x.reshape(-1, inner)
+    slices = sliced.shape[0]
+    if x.dim() == 2 and x.shape[0] == 1:  # one decode row: [S, 1, in/S]
+        return torch.bmm(x.view(slices, 1, -1), sliced).sum(0)
+    rows = x.reshape(-1, x.shape[-1])
     parts = torch.bmm(
         rows.view(rows.shape[0], slices, -1).transpose(0, 1),  # [S, M, in/S]
-        w.view(slices, -1, outer),  # [S, in/S, out]
+        sliced,  # [S, in/S, out]
     )
-    return parts.sum(0).reshape(*x.shape[:-1], outer)
+    return parts.sum(0).reshape(*x.shape[:-1], w.shape[1])
 
 
 def transposed_product(x, table):
@@ -93,13 +116,13 @@ def transposed_product(x, table):
     faster than `x @ table.T` there (the head, 1 thread: 2.5 vs 5.9 ms).
     """
     torch = _torch()
-    outer, inner = table.shape
-    slices = _slices(x, table, outer, at_least=2)
-    if slices == 1:
+    sliced = _sliced(x, table, at_least=2)
+    if sliced is None:
         return x @ table.T
+    outer, inner = table.shape
     rows = x.reshape(-1, inner)
     parts = torch.bmm(
-        table.view(slices, -1, inner),  # [S, out/S, in]
-        rows.T.expand(slices, inner, rows.shape[0]),  # [S, in, M]
+        sliced,  # [S, out/S, in]
+        rows.T.expand(sliced.shape[0], inner, rows.shape[0]),  # [S, in, M]
     )  # [S, out/S, M]
     return parts.permute(2, 0, 1).reshape(*x.shape[:-1], outer)

@@ -313,13 +313,14 @@ def test_sliced_products_equal_the_layers(monkeypatch):
     from keras_gemma2.generation import torch_matmul
 
     slices = []
-    real = torch_matmul._slices
+    real = torch_matmul._sliced
 
-    def recording(x, w, axis_size, at_least):
-        slices.append(real(x, w, axis_size, at_least))
-        return slices[-1]
+    def recording(x, w, at_least):
+        sliced = real(x, w, at_least)
+        slices.append(1 if sliced is None else sliced.shape[0])
+        return sliced
 
-    monkeypatch.setattr(torch_matmul, "_slices", recording)
+    monkeypatch.setattr(torch_matmul, "_sliced", recording)
     wide = dict(
         vocabulary_size=512,
         num_layers=2,
@@ -341,7 +342,8 @@ def test_sliced_products_equal_the_layers(monkeypatch):
     # Every projection and the head were sliced in two: 7 per layer + head.
     assert slices.count(2) >= 10 * (7 * 2 + 1), slices
     monkeypatch.setattr(torch_matmul, "MIN_ELEMENTS", 2**40)
-    monkeypatch.setattr(torch_matmul, "_slices", real)
+    monkeypatch.setattr(torch_matmul, "_SLICES", {})
+    monkeypatch.setattr(torch_matmul, "_sliced", real)
     unsliced, _ = fast_and_portable_logits(causal_lm, token_ids, 3)
     noise = np.abs(unsliced - full).max()
     assert noise > 0
