@@ -16,6 +16,8 @@ layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
 - jax: the 57 products of 20 tokens in one `jax.jit` program, a loop
   whose every token's rows depend on all products of the one before (as
   our compiled decode loop runs them: no per-op or per-token dispatch).
+  Within a token the products run in the model's order, each group after
+  the one before (`in_sequence`), never two independent ones at once.
 - tensorflow: the same loop in one `tf.function(jit_compile=True)`
   program. On both, the weights are arguments of the program, as the
   model's variables are (captured as constants, TensorFlow's XLA folded
@@ -86,6 +88,12 @@ SHAPES = [
     (HIDDEN, FFW),  # up
     (FFW, HIDDEN),  # down
 ]
+# Which products of a layer read the same input (query, key and value; gate
+# and up): a decoder may run those together, but each group only after the
+# group before it (see `in_sequence`).
+GROUPS = [0, 0, 0, 1, 2, 2, 3]
+# `in_sequence`'s key of the head: its input is the last hidden-size row.
+HEAD = "head"
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 PEER = {"float32": "f32", "bfloat16": "f16", "int8": "q8_0"}
 CALLS = 20
@@ -161,10 +169,23 @@ def jax_products(dtype, rows_in=1):
 
         def products(rows, arguments):
             kernels, (table, table_scale) = arguments
-            outs = [product(rows[k.shape[0]], k, s) for k, s in kernels]
-            head = rows[HIDDEN][-1:]
-            outs.append(product(head, table, table_scale, transpose=True, copies=3))
-            return outs
+            steps = [
+                (k.shape[0], functools.partial(product, codes=k, scale=s))
+                for k, s in kernels
+            ]
+            steps.append(
+                (
+                    HEAD,
+                    functools.partial(
+                        product,
+                        codes=table,
+                        scale=table_scale,
+                        transpose=True,
+                        copies=3,
+                    ),
+                )
+            )
+            return in_sequence(rows, steps, nudge)
 
     else:
         kernels, embedding = weights("float32")
@@ -176,13 +197,17 @@ def jax_products(dtype, rows_in=1):
 
         def products(rows, arguments):
             kernels, embedding = arguments
-            outs = [rows[k.shape[0]] @ k for k in kernels]
+            steps = [(k.shape[0], functools.partial(jnp.matmul, b=k)) for k in kernels]
             # The decoder's form (`last_axis_product`): `x @ embedding.T`
             # let XLA hoist a transposed copy of the table out of the loop.
-            outs.append(jnp.einsum("td,vd->tv", rows[HIDDEN][-1:], embedding))
-            return outs
+            steps.append((HEAD, lambda x: jnp.einsum("td,vd->tv", x, embedding)))
+            return in_sequence(rows, steps, nudge)
 
     input_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+    def nudge(out):
+        return (jnp.sum(out) * 1e-12).astype(input_dtype)
+
     generator = np.random.default_rng(1)
     rows = {
         n: jnp.asarray(generator.standard_normal((rows_in, n)), input_dtype)
@@ -236,10 +261,23 @@ def tensorflow_products(dtype, rows_in=1):
 
         def products(rows, arguments):
             kernels, (table, table_scale) = arguments
-            outs = [product(rows[c.shape[0]], c, s) for c, s in kernels]
-            head = rows[HIDDEN][-1:]
-            outs.append(product(head, table, table_scale, transpose=True, copies=3))
-            return outs
+            steps = [
+                (c.shape[0], functools.partial(product, codes=c, scale=s))
+                for c, s in kernels
+            ]
+            steps.append(
+                (
+                    HEAD,
+                    functools.partial(
+                        product,
+                        codes=table,
+                        scale=table_scale,
+                        transpose=True,
+                        copies=3,
+                    ),
+                )
+            )
+            return in_sequence(rows, steps, nudge)
 
     else:
         cast = tf.bfloat16 if dtype == "bfloat16" else tf.float32
@@ -252,11 +290,17 @@ def tensorflow_products(dtype, rows_in=1):
 
         def products(rows, arguments):
             kernels, embedding = arguments
-            outs = [rows[k.shape[0]] @ k for k in kernels]
-            outs.append(tf.matmul(rows[HIDDEN][-1:], embedding, transpose_b=True))
-            return outs
+            steps = [(k.shape[0], functools.partial(tf.matmul, b=k)) for k in kernels]
+            steps.append(
+                (HEAD, functools.partial(tf.matmul, b=embedding, transpose_b=True))
+            )
+            return in_sequence(rows, steps, nudge)
 
     rows = {n: tf.constant(r) for n, r in rows.items()}
+
+    def nudge(out):
+        return tf.cast(tf.reduce_sum(out) * 1e-12, rows[HIDDEN].dtype)
+
     # The weights are arguments of the program, as the model's variables are:
     # captured as constants, XLA folded the int8 codes into int32 copies.
     if rows_in == 1:
@@ -280,6 +324,29 @@ def tensorflow_products(dtype, rows_in=1):
             token(rows, arguments)[-1].numpy()
 
     return run
+
+
+def in_sequence(rows, steps, nudge):
+    """The products of `steps` (`(input size or HEAD, multiply)`), chained.
+
+    A decoder's products depend on each other: a layer's attention output
+    feeds its output projection, which feeds the feed-forward, and so on.
+    Independent products of one set of rows would let XLA run two at once
+    on the two cores, or merge those sharing an input into one larger
+    product; no decoder can. So each group of products (`GROUPS`: the ones
+    that do share an input in the model) reads its rows nudged by
+    `nudge(out)` of the last product of the group before.
+    """
+    outs, shift = [], None
+    for index, (size, multiply) in enumerate(steps):
+        x = rows[HIDDEN][-1:] if size == HEAD else rows[size]
+        starts_group = (
+            size == HEAD or index == 0 or GROUPS[index % 7] != GROUPS[(index - 1) % 7]
+        )
+        if starts_group and outs:
+            shift = nudge(outs[-1])
+        outs.append(multiply(x if shift is None else x + shift))
+    return outs
 
 
 def chained(rows, outs, total):
