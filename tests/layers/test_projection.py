@@ -80,6 +80,19 @@ def test_only_one_row_on_tensorflow_takes_the_two_row_path():
     assert projection._single_row_axes(layer, symbolic) is None
 
 
+def test_only_stored_float32_matrices_take_one_row():
+    """What XLA would fuse into a one-row product keeps the two-row path."""
+    matrix, _ = dense_for("feed_forward")
+    assert not projection._duplicates_one_row(matrix)
+    for name in ("query", "key_value", "attention_output"):  # 3-D: reshaped
+        assert projection._duplicates_one_row(dense_for(name)[0])
+    mixed, _ = dense_for("feed_forward", dtype="mixed_bfloat16")  # cast
+    assert projection._duplicates_one_row(mixed)
+    lora, _ = dense_for("feed_forward")
+    lora.enable_lora(2)  # kernel plus the LoRA product
+    assert projection._duplicates_one_row(lora)
+
+
 def test_layers_it_cannot_reproduce_are_called():
     with_bias = keras.layers.EinsumDense("btd,df->btf", (None, 4), bias_axes="f")
     with_bias.build((1, 1, 8))
