@@ -114,3 +114,22 @@ def test_other_products_are_plain(two_threads, monkeypatch, case):
     ours = torch_matmul.product(x, w)
     assert calls == []
     assert torch.equal(ours, x @ w)
+
+
+def test_strided_rows(two_threads):
+    """Rows that are views with gaps (a column slice) multiply as copies would."""
+    import torch
+
+    generator = np.random.default_rng(2)
+    wide = torch.from_numpy(generator.standard_normal((3, 1024)).astype("float32"))
+    w = torch.from_numpy(generator.standard_normal((512, 1024)).astype("float32"))
+    table = torch.from_numpy(generator.standard_normal((1024, 512)).astype("float32"))
+    columns = wide.T.contiguous().T  # [3, 1024], strides (1, 3)
+    for x in (wide[:1, ::2], wide[:, ::2], columns[:1, :512], columns[:, :512]):
+        assert not x.is_contiguous()
+        exact = x.double().numpy() @ w.double().numpy()
+        ours = torch_matmul.product(x, w).numpy()
+        np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.sqrt(512))
+        exact = x.double().numpy() @ table.double().numpy().T
+        ours = torch_matmul.transposed_product(x, table).numpy()
+        np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.sqrt(512))
