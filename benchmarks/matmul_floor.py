@@ -169,22 +169,7 @@ def jax_products(dtype, rows_in=1):
 
         def products(rows, arguments):
             kernels, (table, table_scale) = arguments
-            steps = [
-                (k.shape[0], functools.partial(product, codes=k, scale=s))
-                for k, s in kernels
-            ]
-            steps.append(
-                (
-                    HEAD,
-                    functools.partial(
-                        product,
-                        codes=table,
-                        scale=table_scale,
-                        transpose=True,
-                        copies=3,
-                    ),
-                )
-            )
+            steps = int8_steps(product, kernels, table, table_scale)
             return in_sequence(rows, steps, nudge)
 
     else:
@@ -261,22 +246,7 @@ def tensorflow_products(dtype, rows_in=1):
 
         def products(rows, arguments):
             kernels, (table, table_scale) = arguments
-            steps = [
-                (c.shape[0], functools.partial(product, codes=c, scale=s))
-                for c, s in kernels
-            ]
-            steps.append(
-                (
-                    HEAD,
-                    functools.partial(
-                        product,
-                        codes=table,
-                        scale=table_scale,
-                        transpose=True,
-                        copies=3,
-                    ),
-                )
-            )
+            steps = int8_steps(product, kernels, table, table_scale)
             return in_sequence(rows, steps, nudge)
 
     else:
@@ -324,6 +294,22 @@ def tensorflow_products(dtype, rows_in=1):
             token(rows, arguments)[-1].numpy()
 
     return run
+
+
+def int8_steps(product, kernels, table, table_scale):
+    """`in_sequence` steps of the XLA int8 products: layers, then the head.
+
+    `product(x, codes, scale, transpose=False, copies=2)` is the backend's
+    int8 product; the head's row goes as three int8 rows (`xla_int8_rows`).
+    """
+    steps = [
+        (codes.shape[0], functools.partial(product, codes=codes, scale=scale))
+        for codes, scale in kernels
+    ]
+    head = functools.partial(
+        product, codes=table, scale=table_scale, transpose=True, copies=3
+    )
+    return steps + [(HEAD, head)]
 
 
 def in_sequence(rows, steps, nudge):

@@ -160,11 +160,13 @@ def products(x, *matrices):
     """
     quantized = {}
     results = []
+    rows = None  # [M, in], only for int8 matrices
     for matrix in matrices:
         if not isinstance(matrix, Int8Matrix):
             results.append(torch_matmul.product(x, matrix))
             continue
-        rows = x.reshape(-1, x.shape[-1])  # [M, in]
+        if rows is None:
+            rows = x.reshape(-1, x.shape[-1])
         if matrix.quantizer is not None:
             key = tuple(matrix.quantizer.value_range), matrix.quantizer.epsilon
             if key not in quantized:
