@@ -133,3 +133,81 @@ def test_strided_rows(two_threads):
         exact = x.double().numpy() @ table.double().numpy().T
         ours = torch_matmul.transposed_product(x, table).numpy()
         np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.sqrt(512))
+
+
+def _parameter(shape, seed):
+    """A float32 `torch.nn.Parameter`, as a Keras variable holds its value."""
+    import torch
+
+    generator = np.random.default_rng(seed)
+    value = generator.standard_normal(shape).astype("float32")
+    return torch.nn.Parameter(torch.from_numpy(value))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+def test_transposed_matrix_products_equal_float64(two_threads, monkeypatch, rows):
+    import torch
+
+    source = _parameter((512, 4, 256), seed=3)  # a 3-D kernel, as q/k/v are
+    matrix = source.detach().reshape(512, 1024)
+    (copied,) = torch_matmul.transposed_copies([(matrix, source)])
+    assert isinstance(copied, torch_matmul.Transposed)
+    assert copied.table.is_contiguous() and copied.shape == (512, 1024)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    calls = _bmm_calls(monkeypatch)
+    with torch.no_grad():
+        ours = torch_matmul.product(x, copied).numpy()
+    if rows <= torch_matmul.MAX_ROWS:  # the copy, its output rows cut in two
+        assert calls == [((2, 512, 512), (2, 512, rows))]
+    else:  # a matrix-matrix product of the kernel itself
+        assert calls == []
+    exact = x.double().numpy() @ matrix.double().numpy()
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.sqrt(512))
+
+
+def test_copies_are_cached_until_the_variable_changes(two_threads):
+    import torch
+
+    source = _parameter((512, 1024), seed=4)
+    first = torch_matmul.transposed_copies([(source.detach(), source)])[0]
+    again = torch_matmul.transposed_copies([(source.detach(), source)])[0]
+    assert again.table is first.table  # the next `generate` call reuses it
+    with torch.no_grad():
+        source.copy_(torch.ones_like(source))  # what a Keras `assign` does
+    changed = torch_matmul.transposed_copies([(source.detach(), source)])[0]
+    assert changed.table is not first.table
+    assert torch.equal(changed.table, torch.ones((1024, 512)))
+    x = torch.randn(1, 512)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            torch_matmul.product(x, changed).numpy(),
+            np.full((1, 1024), float(x.sum())),
+            rtol=1e-5,
+        )
+    key = id(source)
+    assert key in torch_matmul._COPIES
+    del source, first, again, changed
+    assert key not in torch_matmul._COPIES  # the entry left with its variable
+
+
+@pytest.mark.parametrize("case", ["no source", "bfloat16", "small", "over the limit"])
+def test_what_is_not_copied(two_threads, monkeypatch, case):
+    import torch
+
+    source = _parameter((512, 1024), seed=5)
+    matrix = source.detach()
+    if case == "no source":  # a LoRA-merged kernel: fresh each call
+        source = None
+    elif case == "bfloat16":
+        matrix = matrix.bfloat16()
+    elif case == "small":
+        matrix = matrix[:, :128].contiguous()
+    else:
+        monkeypatch.setattr(torch_matmul, "COPY_BYTES", 512 * 1024 * 4 * 2 - 1)
+    pairs = [(matrix, source), (torch.ones(512, 1024), torch.ones(1))]
+    results = torch_matmul.transposed_copies(pairs)
+    assert results[0] is matrix
+    if case == "over the limit":  # two kernels fit in one byte less: none
+        assert results[1] is pairs[1][0]
+    else:
+        assert isinstance(results[1], torch_matmul.Transposed)
