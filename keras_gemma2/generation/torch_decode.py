@@ -192,6 +192,11 @@ def _weights(owner, weights, sizes, dtype):
     return tensors
 
 
+_BLOCK_WEIGHTS = {w.name: w for w in weight_table.BLOCK_WEIGHTS}
+# A block's projections, grouped by the rows they multiply.
+_SHARED_ROWS = (("query", "key", "value"), ("output",), ("gate", "up"), ("down",))
+
+
 class _Layer:
     """One decoder block's weights (from the weight table) and settings."""
 
@@ -262,24 +267,28 @@ class TorchDecoder:
         """Float32 projection kernels as `torch_matmul.Transposed`, if they fit.
 
         Few rows multiply an `[out, in]` copy faster than the `[in, out]`
-        kernel (see `torch_matmul`); the copies are cached per variable.
-        LoRA-merged kernels (fresh each call) are not copied.
+        kernel (see `torch_matmul`); the copies are cached per variable,
+        those of query, key and value stacked into one, as are gate and
+        up's. LoRA-merged kernels (fresh each call) are not copied.
         """
         import torch
 
-        weights = [w for w in weight_table.BLOCK_WEIGHTS if not w.is_norm_scale]
-        pairs = []
+        groups = []
         for block, layer in zip(backbone.transformer_layers, self.layers, strict=True):
-            for weight in weights:
-                matrix, variable = getattr(layer, weight.name), weight.variable(block)
-                cached = isinstance(variable, keras.Variable) and torch.is_tensor(
-                    matrix
-                )
-                pairs.append((matrix, variable.value if cached else None))
-        copies = iter(torch_matmul.transposed_copies(pairs))
+            for names in _SHARED_ROWS:
+                group = []
+                for name in names:
+                    variable = _BLOCK_WEIGHTS[name].variable(block)
+                    matrix = getattr(layer, name)
+                    cached = isinstance(variable, keras.Variable)
+                    cached = cached and torch.is_tensor(matrix)
+                    group.append((matrix, variable.value if cached else None))
+                groups.append(group)
+        copies = iter(torch_matmul.transposed_copies(groups))
         for layer in self.layers:
-            for weight in weights:
-                setattr(layer, weight.name, next(copies))
+            for names in _SHARED_ROWS:
+                for name, matrix in zip(names, next(copies), strict=True):
+                    setattr(layer, name, matrix)
 
     def _rotation(self, position):
         """RoPE `(cos, signed_sin)` `[..., H]` at `position` (int or tensor)."""

@@ -158,6 +158,9 @@ def products(x, *matrices):
     (query, key and value read the same rows; so do gate and up). Results
     take the dtypes the Keras layers' products take.
     """
+    stacked = torch_matmul.stacked_products(x, matrices)
+    if stacked is not None:
+        return stacked
     quantized = {}
     results = []
     rows = None  # [M, in], only for int8 matrices

@@ -124,14 +124,18 @@ class Transposed:
     """A matrix `[in, out]` with its copy `table [out, in]`, for `product`.
 
     `product` multiplies few rows by `table` (`transposed_product`), many
-    by `matrix` (a matrix-matrix product, as fast either way).
+    by `matrix` (a matrix-matrix product, as fast either way). `group`:
+    `(stacked, sizes)` when `table` is rows of `stacked`, one copy of the
+    matrices that multiply the same rows (query, key, value; gate, up),
+    `stacked_products` multiplies them at once; else `None`.
     """
 
-    __slots__ = ("matrix", "table")
+    __slots__ = ("matrix", "table", "group")
 
-    def __init__(self, matrix, table):
+    def __init__(self, matrix, table, group=None):
         self.matrix = matrix
         self.table = table
+        self.group = group
 
     @property
     def shape(self):
@@ -149,48 +153,111 @@ def _copyable(matrix):
     )
 
 
-def transposed_copies(matrices):
-    """`matrices`, each a `Transposed` where it gains from one.
+def transposed_copies(groups):
+    """`groups` of matrices, each a `Transposed` where it gains from one.
 
     Args:
-        matrices: `(matrix, source)` pairs: `matrix [in, out]` a view of
-            the tensor `source` (a variable's own tensor, whose copy is
-            cached), or `source=None` (never copied).
+        groups: lists of `(matrix, source)` pairs: `matrix [in, out]` a
+            view of the tensor `source` (a variable's own tensor, whose
+            copy is cached), or `source=None` (never copied). The matrices
+            of a group multiply the same rows; when every one of them is
+            copied, their copies are stacked into one `[sum of outs, in]`
+            table.
 
     Returns:
-        One entry per pair, in order: `Transposed(matrix, copy)` for the
-        float32 CPU matrices of at least `MIN_ELEMENTS` that have a source,
-        if their copies total at most `COPY_BYTES`; otherwise `matrix`.
+        The groups, in order: `Transposed` for the float32 CPU matrices of
+        at least `MIN_ELEMENTS` that have a source, if their copies total
+        at most `COPY_BYTES`; the other matrices as they came.
     """
-    chosen = [source is not None and _copyable(matrix) for matrix, source in matrices]
+    chosen = [
+        [source is not None and _copyable(matrix) for matrix, source in group]
+        for group in groups
+    ]
     total = sum(
         matrix.numel() * matrix.element_size()
-        for (matrix, _), copy in zip(matrices, chosen, strict=True)
+        for group, copies in zip(groups, chosen, strict=True)
+        for (matrix, _), copy in zip(group, copies, strict=True)
         if copy
     )
     if total > COPY_BYTES:
-        return [matrix for matrix, _ in matrices]
+        return [[matrix for matrix, _ in group] for group in groups]
     results = []
-    for (matrix, source), copy in zip(matrices, chosen, strict=True):
-        results.append(Transposed(matrix, _copy(matrix, source)) if copy else matrix)
+    for group, copies in zip(groups, chosen, strict=True):
+        if len(group) > 1 and all(copies) and len({m.shape[0] for m, _ in group}) == 1:
+            stacked = _copy(*zip(*group, strict=True))
+            sizes = [matrix.shape[1] for matrix, _ in group]
+            shared = (stacked, sizes)
+            tables = stacked.split(sizes)
+            results.append(
+                [
+                    Transposed(matrix, table, shared)
+                    for (matrix, _), table in zip(group, tables, strict=True)
+                ]
+            )
+            continue
+        results.append(
+            [
+                Transposed(matrix, _copy([matrix], [source])) if copy else matrix
+                for (matrix, source), copy in zip(group, copies, strict=True)
+            ]
+        )
     return results
 
 
-def _copy(matrix, source):
-    """`matrix.T`, contiguous: cached for `source` while it is unchanged."""
-    key = id(source)
+def _copy(matrices, sources):
+    """The `matrices`' transposes stacked, `[sum of outs, in]`, contiguous.
+
+    Cached for `sources` while none of them changes.
+    """
+    torch = _torch()
+    key = tuple(id(source) for source in sources)
+    versions = tuple(source._version for source in sources)
+    shape = (sum(matrix.shape[1] for matrix in matrices), matrices[0].shape[0])
     known = _COPIES.get(key)
-    if (
-        known is not None
-        and known[0] == source._version
-        and known[1].shape == matrix.T.shape
-    ):
+    if known is not None and known[0] == versions and known[1].shape == shape:
         return known[1]
     if known is None:
-        weakref.finalize(source, _COPIES.pop, key, None)
-    table = matrix.T.contiguous()
-    _COPIES[key] = (source._version, table)
+        for source in sources:
+            weakref.finalize(source, _COPIES.pop, key, None)
+    if len(matrices) == 1:
+        table = matrices[0].T.contiguous()
+    else:
+        table = torch.cat([matrix.T for matrix in matrices])
+    _COPIES[key] = (versions, table)
     return table
+
+
+def stacked_products(x, matrices):
+    """`[x @ m for m in matrices]` as one product, or `None`.
+
+    One product when `matrices` are a whole `transposed_copies` group, in
+    its order, and `x` has few rows (`product`'s rule for copies): the
+    results are views of its output.
+    """
+    torch = _torch()
+    first = matrices[0]
+    if (
+        not isinstance(first, Transposed)
+        or first.group is None
+        or len(matrices) != len(first.group[1])
+        or torch.compiler.is_compiling()
+        or not _few_float32_rows(x)
+    ):
+        return None
+    stacked, sizes = first.group
+    for matrix, table in zip(matrices, stacked.split(sizes), strict=True):
+        if (
+            not isinstance(matrix, Transposed)
+            or matrix.group is not first.group
+            or matrix.table.data_ptr() != table.data_ptr()
+        ):
+            return None
+    return list(transposed_product(x, stacked).split(sizes, dim=-1))
+
+
+def _few_float32_rows(x):
+    torch = _torch()
+    return x.dtype == torch.float32 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
 
 
 def clear_copies():
@@ -207,7 +274,7 @@ def product(x, w):
     if torch.compiler.is_compiling():  # inductor picks its own kernels
         return x @ (w.matrix if isinstance(w, Transposed) else w)
     if isinstance(w, Transposed):
-        if x.dtype == torch.float32 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS:
+        if _few_float32_rows(x):
             return transposed_product(x, w.table)
         return x @ w.matrix
     # One thread gains nothing from splitting a projection.

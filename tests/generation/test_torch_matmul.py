@@ -150,7 +150,7 @@ def test_transposed_matrix_products_equal_float64(two_threads, monkeypatch, rows
 
     source = _parameter((512, 4, 256), seed=3)  # a 3-D kernel, as q/k/v are
     matrix = source.detach().reshape(512, 1024)
-    (copied,) = torch_matmul.transposed_copies([(matrix, source)])
+    ((copied,),) = torch_matmul.transposed_copies([[(matrix, source)]])
     assert isinstance(copied, torch_matmul.Transposed)
     assert copied.table.is_contiguous() and copied.shape == (512, 1024)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
@@ -169,12 +169,12 @@ def test_copies_are_cached_until_the_variable_changes(two_threads):
     import torch
 
     source = _parameter((512, 1024), seed=4)
-    first = torch_matmul.transposed_copies([(source.detach(), source)])[0]
-    again = torch_matmul.transposed_copies([(source.detach(), source)])[0]
+    first = torch_matmul.transposed_copies([[(source.detach(), source)]])[0][0]
+    again = torch_matmul.transposed_copies([[(source.detach(), source)]])[0][0]
     assert again.table is first.table  # the next `generate` call reuses it
     with torch.no_grad():
         source.copy_(torch.ones_like(source))  # what a Keras `assign` does
-    changed = torch_matmul.transposed_copies([(source.detach(), source)])[0]
+    changed = torch_matmul.transposed_copies([[(source.detach(), source)]])[0][0]
     assert changed.table is not first.table
     assert torch.equal(changed.table, torch.ones((1024, 512)))
     x = torch.randn(1, 512)
@@ -184,7 +184,7 @@ def test_copies_are_cached_until_the_variable_changes(two_threads):
             np.full((1, 1024), float(x.sum())),
             rtol=1e-5,
         )
-    key = id(source)
+    key = (id(source),)
     assert key in torch_matmul._COPIES
     del source, first, again, changed
     assert key not in torch_matmul._COPIES  # the entry left with its variable
@@ -205,9 +205,49 @@ def test_what_is_not_copied(two_threads, monkeypatch, case):
     else:
         monkeypatch.setattr(torch_matmul, "COPY_BYTES", 512 * 1024 * 4 * 2 - 1)
     pairs = [(matrix, source), (torch.ones(512, 1024), torch.ones(1))]
-    results = torch_matmul.transposed_copies(pairs)
+    (results,) = torch_matmul.transposed_copies([pairs])
     assert results[0] is matrix
     if case == "over the limit":  # two kernels fit in one byte less: none
         assert results[1] is pairs[1][0]
-    else:
+    else:  # copied alone: its group is not whole
         assert isinstance(results[1], torch_matmul.Transposed)
+        assert results[1].group is None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_a_group_multiplies_as_one_stacked_copy(two_threads, monkeypatch, rows):
+    """Query, key and value (or gate and up) read the same rows: one product."""
+    import torch
+
+    sources = [_parameter((512, n), seed=n) for n in (512, 256, 256)]
+    group = [(source.detach(), source) for source in sources]
+    (copies,) = torch_matmul.transposed_copies([group])
+    stacked = copies[0].group[0]
+    assert stacked.shape == (1024, 512) and stacked.is_contiguous()
+    for copy, source in zip(copies, sources, strict=True):
+        assert torch.equal(copy.table, source.detach().T)  # a view of `stacked`
+        assert copy.table.untyped_storage().data_ptr() == stacked.data_ptr()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    calls = _bmm_calls(monkeypatch)
+    with torch.no_grad():
+        ours = torch_matmul.stacked_products(x, copies)
+        if rows > torch_matmul.MAX_ROWS:
+            assert ours is None  # the matrices' own matrix-matrix products
+            return
+        assert calls == [((2, 512, 512), (2, 512, rows))]
+        # Not the whole group, or out of order: one product each.
+        assert torch_matmul.stacked_products(x, copies[:2]) is None
+        assert torch_matmul.stacked_products(x, copies[::-1]) is None
+    for result, source in zip(ours, sources, strict=True):
+        exact = x.double().numpy() @ source.detach().double().numpy()
+        np.testing.assert_allclose(
+            result.numpy(), exact, rtol=0, atol=1e-5 * np.sqrt(512)
+        )
+    # Cached as one entry, made again when any one of them changes.
+    again = torch_matmul.transposed_copies([group])[0]
+    assert again[0].group[0] is stacked
+    with torch.no_grad():
+        sources[2].mul_(2.0)
+    renewed = torch_matmul.transposed_copies([group])[0]
+    assert renewed[0].group[0] is not stacked
+    assert torch.equal(renewed[2].table, sources[2].detach().T)
