@@ -125,9 +125,10 @@ class Transposed:
 
     `product` multiplies few rows by `table` (`transposed_product`), many
     by `matrix` (a matrix-matrix product, as fast either way). `group`:
-    `(stacked, sizes)` when `table` is rows of `stacked`, one copy of the
-    matrices that multiply the same rows (query, key, value; gate, up),
-    `stacked_products` multiplies them at once; else `None`.
+    `(stacked, sizes, members)` when `table` is rows of `stacked`, one
+    copy of the matrices (`members`, in order) that multiply the same rows
+    (query, key, value; gate, up), which `stacked_products` multiplies at
+    once; else `None`.
     """
 
     __slots__ = ("matrix", "table", "group")
@@ -186,14 +187,14 @@ def transposed_copies(groups):
         if len(group) > 1 and all(copies) and len({m.shape[0] for m, _ in group}) == 1:
             stacked = _copy(*zip(*group, strict=True))
             sizes = [matrix.shape[1] for matrix, _ in group]
-            shared = (stacked, sizes)
+            members = []
+            shared = (stacked, sizes, members)
             tables = stacked.split(sizes)
-            results.append(
-                [
-                    Transposed(matrix, table, shared)
-                    for (matrix, _), table in zip(group, tables, strict=True)
-                ]
-            )
+            members += [
+                Transposed(matrix, table, shared)
+                for (matrix, _), table in zip(group, tables, strict=True)
+            ]
+            results.append(members)
             continue
         results.append(
             [
@@ -244,14 +245,9 @@ def stacked_products(x, matrices):
         or not _few_float32_rows(x)
     ):
         return None
-    stacked, sizes = first.group
-    for matrix, table in zip(matrices, stacked.split(sizes), strict=True):
-        if (
-            not isinstance(matrix, Transposed)
-            or matrix.group is not first.group
-            or matrix.table.data_ptr() != table.data_ptr()
-        ):
-            return None
+    stacked, sizes, members = first.group
+    if any(m is not member for m, member in zip(matrices, members, strict=True)):
+        return None
     return list(transposed_product(x, stacked).split(sizes, dim=-1))
 
 
@@ -305,9 +301,15 @@ def transposed_product(x, table):
     if sliced is None:
         return x @ table.T
     outer, inner = table.shape
+    slices = sliced.shape[0]
+    if x.dim() == 2 and x.shape[0] == 1:  # one decode row: 4 torch calls
+        # `x.T` keeps a leading dimension of `inner` (strides `(1, in)`);
+        # `x.view(1, in, 1)` would not, and bmm then ran 4x slower.
+        column = x.T.expand(slices, inner, 1)
+        return torch.bmm(sliced, column).view(1, outer)  # [S, out/S, 1]
     rows = x.reshape(-1, inner)
     parts = torch.bmm(
         sliced,  # [S, out/S, in]
-        rows.T.expand(sliced.shape[0], inner, rows.shape[0]),  # [S, in, M]
+        rows.T.expand(slices, inner, rows.shape[0]),  # [S, in, M]
     )  # [S, out/S, M]
     return parts.permute(2, 0, 1).reshape(*x.shape[:-1], outer)
