@@ -28,6 +28,12 @@ int8 layers (`Gemma2CausalLM.quantize("int8")`, QLoRA adapters included)
 are multiplied from their int8 codes with torch's int8 kernels
 (`torch_int8.Int8Matrix`); nothing dequantizes a whole kernel.
 
+Prefill and steps run under `torch.inference_mode()`, not `no_grad`: it
+skips autograd's version counting and view tracking on every operation
+(per token, mid config: 8.7 -> 7.8 ms, same process, alternating). So the
+caches and the tokens are inference tensors; `GenerationProgram` hands
+the caller a normal copy of the finished ids.
+
 `supports(causal_lm)` says when it applies: the torch backend, not
 `run_eagerly`, and no layer that `unsupported_layers` names (int4 layers);
 otherwise the portable decode step runs eagerly.
@@ -527,7 +533,7 @@ class TorchDecoder:
         """
         import torch
 
-        with torch.no_grad():
+        with torch.inference_mode():
             token = prompt[:, index - 1]
             if global_span is None:
                 logits = self.append(token, index - 1)

@@ -271,11 +271,20 @@ def test_generate_uses_it_and_leaves_the_inputs_alone(monkeypatch):
     token_ids[0, :2] = [2, 7]
     padding_mask = (token_ids != 0).astype("int32")
     before = token_ids.copy()
-    causal_lm.generate(
+    outputs = causal_lm.generate(
         {"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=None
     )
     assert len(steps) == 8
     np.testing.assert_array_equal(token_ids, before)
+    assert isinstance(outputs["token_ids"], np.ndarray)
+    # Decoded under `torch.inference_mode()`, the program's ids come back as
+    # a normal tensor the caller may change in place.
+    generated = causal_lm.generate_function(
+        {"token_ids": token_ids, "padding_mask": padding_mask}
+    )["token_ids"]
+    assert not generated.is_inference()
+    generated[0, 0] = 5
+    assert int(generated[0, 0]) == 5
 
 
 # Each differs from TINY_BACKBONE_CONFIG (GQA 2, caps on, scalar 12 with
