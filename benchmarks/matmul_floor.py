@@ -22,8 +22,10 @@ layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
   program. On both, the weights are arguments of the program, as the
   model's variables are (captured as constants, TensorFlow's XLA folded
   the int8 codes into int32 copies: 6.9-12.6 ms per token).
-- torch: eager `x @ w`, what `TorchDecoder` calls (torch has no decode
-  program to hide dispatch in).
+- torch: eager, the products `TorchDecoder` calls (torch has no decode
+  program to hide dispatch in): in float32, one row times `[out, in]`
+  copies of the kernels, query/key/value and gate/up each one stacked
+  copy (`torch_matmul.transposed_copies`).
 - int8: per-output-channel int8 weights; the row quantized per row
   (jax/tensorflow: int8 x int8 -> int32 dots, as Keras' int8 layers do,
   with a lone row as two equal rows and the head's as three, as our XLA
@@ -383,13 +385,30 @@ def torch_products(dtype, rows_in=1):
         embedding = torch.from_numpy(embedding).to(cast)
         rows = {n: r.to(cast) for n, r in rows.items()}
 
-        # TorchDecoder's own float products (split over threads on CPU).
-        from keras_gemma2.generation.torch_matmul import product, transposed_product
+        # TorchDecoder's own float products: float32 kernels through their
+        # `[out, in]` copies, a group sharing its rows (`GROUPS`) stacked
+        # into one; split over threads on CPU.
+        from keras_gemma2.generation.torch_int8 import products
+        from keras_gemma2.generation.torch_matmul import (
+            transposed_copies,
+            transposed_product,
+        )
+
+        groups = []
+        for layer in range(LAYERS):
+            for group in sorted(set(GROUPS)):
+                members = [
+                    kernels[layer * len(SHAPES) + i]
+                    for i, g in enumerate(GROUPS)
+                    if g == group
+                ]
+                groups.append([(kernel, kernel) for kernel in members])
+        groups = transposed_copies(groups)
 
         def run():
-            with torch.no_grad():
-                for kernel in kernels:
-                    product(rows[kernel.shape[0]], kernel)
+            with torch.inference_mode():
+                for group in groups:
+                    products(rows[group[0].shape[0]], *group)
                 transposed_product(rows[HIDDEN][-1:], embedding)
 
     return run
