@@ -275,9 +275,14 @@ class TorchDecoder:
         Few rows multiply an `[out, in]` copy faster than the `[in, out]`
         kernel (see `torch_matmul`); the copies are cached per variable,
         those of query, key and value stacked into one, as are gate and
-        up's. LoRA-merged kernels (fresh each call) are not copied.
+        up's. LoRA-merged kernels (fresh each call) are not copied, nor
+        any kernel of a compiled decoder (`compiles`: inductor multiplies
+        the kernels themselves).
         """
         import torch
+
+        if compiles(self.causal_lm):
+            return
 
         groups = []
         for block, layer in zip(backbone.transformer_layers, self.layers, strict=True):

@@ -201,6 +201,8 @@ def test_jit_compile_decodes_as_eager_and_compiles_once_per_shape(size):
 def _compiled_logits_equal_eager(causal_lm, token_ids, prompt_length=3):
     import torch
 
+    from keras_gemma2.generation import torch_matmul
+
     mask = (np.arange(token_ids.shape[1]) < prompt_length)[None].astype("int32")
     with torch.no_grad():
         _, decoder = torch_decode.start(
@@ -209,6 +211,8 @@ def _compiled_logits_equal_eager(causal_lm, token_ids, prompt_length=3):
             ops.convert_to_tensor(mask),
             prompt_length,
         )
+        # Compiled, no kernel is copied: inductor multiplies the kernels.
+        assert not isinstance(decoder.layers[0].gate, torch_matmul.Transposed)
         for p in range(prompt_length - 1, token_ids.shape[1] - 1):
             token = ops.convert_to_tensor(token_ids[:, p])
             position = torch.tensor(p)
