@@ -158,13 +158,19 @@ def _copyable(matrix):
     )
 
 
+def _cacheable(source):
+    # An inference tensor has no version to tell a changed one by.
+    return source is not None and not source.is_inference()
+
+
 def transposed_copies(groups):
     """`groups` of matrices, each a `Transposed` where it gains from one.
 
     Args:
         groups: lists of `(matrix, source)` pairs: `matrix [in, out]` a
             view of the tensor `source` (a variable's own tensor, whose
-            copy is cached), or `source=None` (never copied). The matrices
+            copy is cached), or `source=None` (never copied; nor is an
+            inference tensor's, which keeps no version). The matrices
             of a group multiply the same rows; when every one of them is
             copied, their copies are stacked into one `[sum of outs, in]`
             table.
@@ -175,7 +181,7 @@ def transposed_copies(groups):
         at most `COPY_BYTES`; the other matrices as they came.
     """
     chosen = [
-        [source is not None and _copyable(matrix) for matrix, source in group]
+        [_cacheable(source) and _copyable(matrix) for matrix, source in group]
         for group in groups
     ]
     total = sum(

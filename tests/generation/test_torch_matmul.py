@@ -190,7 +190,9 @@ def test_copies_are_cached_until_the_variable_changes(two_threads):
     assert key not in torch_matmul._COPIES  # the entry left with its variable
 
 
-@pytest.mark.parametrize("case", ["no source", "bfloat16", "small", "over the limit"])
+@pytest.mark.parametrize(
+    "case", ["no source", "inference source", "bfloat16", "small", "over the limit"]
+)
 def test_what_is_not_copied(two_threads, monkeypatch, case):
     import torch
 
@@ -198,6 +200,10 @@ def test_what_is_not_copied(two_threads, monkeypatch, case):
     matrix = source.detach()
     if case == "no source":  # a LoRA-merged kernel: fresh each call
         source = None
+    elif case == "inference source":  # made under `inference_mode`: no version
+        with torch.inference_mode():
+            source = source.detach().clone()
+        matrix = source
     elif case == "bfloat16":
         matrix = matrix.bfloat16()
     elif case == "small":
