@@ -18,8 +18,8 @@ attention rows take `gemma2_math.biased_softmax` instead, in place (a 2048-
 token prompt: 1.8 -> 1.2-1.4 s); float32 weights multiply one row through
 `torch_matmul` (sliced over threads). The weights come
 from `keras_gemma2.models.weight_table` (float32 projection kernels with
-an `[out, in]` copy, `torch_matmul.transposed_copies`: 8.7 -> 6.7 ms per
-token); the ring slots from `kv_cache`; the
+an `[out, in]` copy, `torch_matmul.transposed_copies`: 8.7-10.0 -> 6.7-7.8
+ms per token); the ring slots from `kv_cache`; the
 choice of the next token from `decode.choose_token`.
 `tests/generation/test_torch_decode.py` holds the decoder to the portable
 path in float32 and bfloat16 on several configs.
