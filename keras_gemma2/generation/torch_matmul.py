@@ -89,6 +89,28 @@ def _torch():
     return torch
 
 
+def _few_float32_rows(x):
+    """Whether `x [..., in]` is at most `MAX_ROWS` float32 rows."""
+    torch = _torch()
+    return (
+        x.dtype == torch.float32
+        and x.dim() > 0
+        and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
+    )
+
+
+def _large_float32_matrix(w):
+    """Whether `w` is a contiguous float32 CPU matrix worth slicing or copying."""
+    torch = _torch()
+    return (
+        w.device.type == "cpu"
+        and w.dtype == torch.float32
+        and w.dim() == 2
+        and w.numel() >= MIN_ELEMENTS
+        and w.is_contiguous()
+    )
+
+
 def _sliced(x, w, at_least):
     """`w` viewed as `[slices, -1, columns]` to multiply `x` by, or `None`.
 
@@ -97,23 +119,14 @@ def _sliced(x, w, at_least):
     `at_least`), a power of two that divides the axis.
     """
     torch = _torch()
-    if (
-        x.dtype != torch.float32
-        or x.dim() == 0
-        or not 0 < x.numel() // x.shape[-1] <= MAX_ROWS
-    ):
+    if not _few_float32_rows(x):
         return None
     threads = torch.get_num_threads()
     key = id(w), at_least
     known = _SLICES.get(key)
     if known is None or known[0] != threads:
         slices = 1
-        if (
-            w.device.type == "cpu"
-            and w.dtype == torch.float32
-            and w.numel() >= MIN_ELEMENTS
-            and w.is_contiguous()
-        ):
+        if _large_float32_matrix(w):
             most = min(max(threads, at_least), MAX_SLICES)
             while slices * 2 <= most and w.shape[0] % (slices * 2) == 0:
                 slices *= 2
@@ -147,17 +160,6 @@ class Transposed:
         return self.matrix.shape
 
 
-def _copyable(matrix):
-    torch = _torch()
-    return (
-        matrix.device.type == "cpu"
-        and matrix.dtype == torch.float32
-        and matrix.dim() == 2
-        and matrix.numel() >= MIN_ELEMENTS
-        and matrix.is_contiguous()
-    )
-
-
 def _cacheable(source):
     # An inference tensor has no version to tell a changed one by.
     return source is not None and not source.is_inference()
@@ -181,7 +183,10 @@ def transposed_copies(groups):
         at most `COPY_BYTES`; the other matrices as they came.
     """
     chosen = [
-        [_cacheable(source) and _copyable(matrix) for matrix, source in group]
+        [
+            _cacheable(source) and _large_float32_matrix(matrix)
+            for matrix, source in group
+        ]
         for group in groups
     ]
     total = sum(
@@ -230,10 +235,7 @@ def _copy(matrices, sources):
     if known is None:
         for source in sources:
             weakref.finalize(source, _COPIES.pop, key, None)
-    if len(matrices) == 1:
-        table = matrices[0].T.contiguous()
-    else:
-        table = torch.cat([matrix.T for matrix in matrices])
+    table = torch.cat([matrix.T for matrix in matrices])  # a new tensor
     _COPIES[key] = (versions, table)
     return table
 
@@ -259,11 +261,6 @@ def stacked_products(x, matrices):
     if any(m is not member for m, member in zip(matrices, members, strict=True)):
         return None
     return list(transposed_product(x, stacked).split(sizes, dim=-1))
-
-
-def _few_float32_rows(x):
-    torch = _torch()
-    return x.dtype == torch.float32 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
 
 
 def clear_copies():
