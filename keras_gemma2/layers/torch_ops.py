@@ -84,17 +84,34 @@ TORCH_OPS = types.SimpleNamespace(
 )
 
 
+def softmax_in_place(x, axis):
+    """`softmax(x, axis)` written over `x` on CPU; a new tensor elsewhere.
+
+    Torch's CPU kernel reads each row's maximum, then writes `exp(x - max)`
+    element by element and scales the row by its sum, so its output may be
+    its input (`tests/layers/test_torch_ops.py` holds it to `torch.softmax`
+    bit for bit). Other devices' kernels are not relied on for that.
+    """
+    torch = _torch()
+    if x.device.type != "cpu":
+        return torch.softmax(x, dim=axis)
+    return torch.ops.aten._softmax.out(x, axis, False, out=x)
+
+
 # `TORCH_OPS` whose elementwise arithmetic (`multiply`, `add`, `sigmoid`)
-# writes into its first argument, which must be a tensor the caller owns
-# and may lose (a fresh product) and at least as large as the result. On
-# the prompt's attention logits (4.2M float32 per block on the mid config)
-# `math.biased_softmax` measured 3.0 ms in place against 9.0 ms allocating
-# each intermediate.
+# and (on CPU) `softmax` write into their first argument, which must be a
+# tensor the caller owns and may lose (a fresh product, or a scratch buffer)
+# and at least as large as the result. On the prompt's attention logits
+# (4.2M float32 per block on the mid config) `math.biased_softmax` measured
+# 3.0 ms in place against 9.0 ms allocating each intermediate; a fresh
+# tensor of that size is also page-faulted in as it is first written (see
+# `TorchDecoder.write_prompt`).
 TORCH_OPS_IN_PLACE = types.SimpleNamespace(
     **{
         **vars(TORCH_OPS),
         "multiply": lambda x, y: x.mul_(y),
         "add": lambda x, y: x.add_(y),
         "sigmoid": lambda x: x.sigmoid_(),
+        "softmax": softmax_in_place,
     }
 )
