@@ -157,7 +157,8 @@ def biased_softmax(logits, bias, cap, ops=keras_ops):
 
     Args:
         logits: `[..., S]` attention logits, any float dtype.
-        bias: float32, broadcastable to `logits`: 0 or `MASKED_LOGIT`.
+        bias: float32, broadcastable to `logits`: 0 or `MASKED_LOGIT`; or
+            `None` (every key visible).
         cap: float or `None`, the attention-logit soft cap.
         ops: the ops namespace. Defaults to `keras.ops`. It may be one
             that overwrites `logits` (`torch_ops.TORCH_OPS_IN_PLACE`).
@@ -177,4 +178,6 @@ def biased_softmax(logits, bias, cap, ops=keras_ops):
     # Named ops, not operators: `TORCH_OPS_IN_PLACE` runs them in place.
     if cap is not None:
         logits = ops.multiply(ops.sigmoid(ops.multiply(logits, 2.0 / cap)), 2.0 * cap)
-    return ops.softmax(ops.add(logits, bias), axis=-1)
+    if bias is not None:
+        logits = ops.add(logits, bias)
+    return ops.softmax(logits, axis=-1)
