@@ -394,9 +394,7 @@ class TorchDecoder:
                     logits, None, layer.cap, TORCH_OPS_IN_PLACE
                 )
             else:
-                probabilities = math.masked_softmax(
-                    logits, valid, layer.cap, TORCH_OPS
-                )
+                probabilities = math.masked_softmax(logits, valid, layer.cap, TORCH_OPS)
             attended = torch.bmm(
                 probabilities.to(values.dtype).view(-1, groups, span),
                 values.reshape(-1, span, head_dim),

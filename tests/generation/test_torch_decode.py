@@ -153,6 +153,59 @@ def test_write_prompt_chunk_size_does_not_change_the_caches(chunk):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_write_prompt_leaves_the_layers_caches_and_runs_no_last_block(monkeypatch):
+    """Every layer's caches as the layers' prefill leaves them, the last
+    layer's included, though `write_prompt` runs no block output there
+    (nothing reads it); the chunks' attention logits share one buffer,
+    freed at the end."""
+    import torch
+
+    causal_lm = make_causal_lm()
+    layers = len(causal_lm.backbone.transformer_layers)
+    token_ids = np.random.RandomState(4).randint(0, 96, (2, LENGTH)).astype("int32")
+    prompt = 13  # three chunks of the 5-slot ring
+    padding_mask = (np.arange(LENGTH) < prompt).astype("int32")[None].repeat(2, 0)
+    with torch.no_grad():
+        expected = prefill(
+            causal_lm,
+            ops.convert_to_tensor(token_ids),
+            ops.convert_to_tensor(padding_mask),
+            prompt,
+        )[1]
+    decoder = torch_decode.TorchDecoder(
+        causal_lm, empty_cache(causal_lm.backbone, 2, 5, LENGTH)
+    )
+    outputs, buffers = [], []
+    block_output, scratch = decoder._block_output, decoder._scratch
+
+    def counted(*args):
+        outputs.append(args[0])
+        return block_output(*args)
+
+    def recorded(shape, dtype):
+        tensor = scratch(shape, dtype)
+        buffers.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    monkeypatch.setattr(decoder, "_block_output", counted)
+    monkeypatch.setattr(decoder, "_scratch", recorded)
+    with torch.no_grad():
+        decoder.write_prompt(ops.convert_to_tensor(token_ids[:, :prompt]))
+    chunks = 3
+    assert len(outputs) == chunks * (layers - 1)
+    assert decoder.layers[-1] not in outputs
+    assert len(buffers) == chunks * (layers - 1) and len(set(buffers)) == 1
+    assert decoder._buffers == {}
+    for i, (pair, expected_pair) in enumerate(
+        zip(decoder.caches, expected, strict=True)
+    ):
+        for array, expected_array in zip(pair, expected_pair, strict=True):
+            array, expected_array = (
+                ops.convert_to_numpy(a)[:, :, :prompt] for a in (array, expected_array)
+            )
+            np.testing.assert_allclose(array, expected_array, atol=1e-5, err_msg=i)
+
+
 def test_bucketed_step_equals_the_layers_at_every_position_past_the_window():
     causal_lm = make_causal_lm()
     token_ids = np.random.RandomState(5).randint(0, 96, (2, LENGTH)).astype("int32")
