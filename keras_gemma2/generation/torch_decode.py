@@ -15,7 +15,10 @@ caps, masked softmax, GeGLU and embedding scale are the functions of
 `keras_gemma2.layers.gemma2_math` that the layers call, given raw torch
 primitives (`keras_gemma2.layers.torch_ops.TORCH_OPS`). The prompt's long
 attention rows take `gemma2_math.biased_softmax` instead, in place (a 2048-
-token prompt: 1.8 -> 1.2-1.4 s); float32 weights multiply one row through
+token prompt: 1.8 -> 1.2-1.4 s), their logits written into one scratch
+buffer (no page faults for fresh tensors), and the prompt's last block only
+writes its keys and values (1.38 -> 1.23 s; see `docs/decode_speed.md`);
+float32 weights multiply one row through
 `torch_matmul` (sliced over threads). The weights come
 from `keras_gemma2.models.weight_table` (float32 projection kernels with
 an `[out, in]` copy, `torch_matmul.transposed_copies`: 8.7-10.0 -> 6.7-7.8
