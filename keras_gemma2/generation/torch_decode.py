@@ -505,19 +505,13 @@ class TorchDecoder:
             )
             key = key.transpose(1, 2).to(key_cache.dtype)  # [B, K, L, H]
             value = value.transpose(1, 2).to(value_cache.dtype)
-            if query is None:
-                slots = positions % self.ring if local else positions
-                key_cache[:, :, slots] = key
-                value_cache[:, :, slots] = value
-                break
-            query = query.transpose(1, 2)  # [B, N, L, H]
             if local:
-                if begin:  # the ring's earlier keys, then the chunk's
+                if not begin:  # nothing written before: the chunk's keys alone
+                    keys, values, bias = key, value, ring_bias[:, self.ring :]
+                elif query is not None:  # the ring's earlier keys, then the chunk's
                     keys = torch.cat([key_cache, key], dim=2)
                     values = torch.cat([value_cache, value], dim=2)
                     bias = ring_bias
-                else:  # nothing written before: the chunk's keys alone
-                    keys, values, bias = key, value, ring_bias[:, self.ring :]
                 key_cache[:, :, positions % self.ring] = key
                 value_cache[:, :, positions % self.ring] = value
             else:
@@ -526,6 +520,9 @@ class TorchDecoder:
                 keys = key_cache[:, :, : begin + length]
                 values = value_cache[:, :, : begin + length]
                 bias = global_bias
+            if query is None:  # the last block: its keys and values only
+                break
+            query = query.transpose(1, 2)  # [B, N, L, H]
             query = query.reshape(batch, self.kv_heads, self.groups, length, -1)
             attended = self._attend(
                 layer, query, keys[:, :, None], values[:, :, None], bias=bias
