@@ -502,3 +502,85 @@ def test_sliced_products_equal_the_layers(monkeypatch):
     # Measured: 2.2e-5 sliced against 2.4e-5 without slicing.
     difference = np.abs(fast - full).max()
     assert difference <= 2 * noise, (difference, noise)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("stop_token_ids", [None, (3,), (3, 9)])
+def test_greedy_choose_token_equals_the_portable_choice(temperature, stop_token_ids):
+    import keras_hub
+    import torch
+
+    from keras_gemma2.generation import decode
+
+    sampler = keras_hub.samplers.GreedySampler(temperature=temperature)
+    assert torch_decode._greedy(sampler)
+    rng = np.random.RandomState(4)
+    prompt = torch.tensor(rng.randint(0, 12, (4, 8)), dtype=torch.int32)
+    prompt_mask = torch.zeros((4, 8), dtype=torch.bool)
+    prompt_mask[:2, :5] = True  # rows 0 and 1: index 4 is a prompt token
+    prompt_mask[2, :3] = True
+    checked = ties = 0
+    for trial in range(40):
+        logits = torch.tensor(rng.normal(size=(4, 12)) * 4, dtype=torch.float32)
+        if trial % 4 == 0:
+            # The highest logit right after a next-highest one float32 apart:
+            # their probabilities tie, and the sampler keeps the first of
+            # them, where `argmax(logits)` would take the second.
+            logits -= 40.0
+            logits[:, 2] = 1e-3
+            logits[:, 5] = torch.nextafter(logits[:, 2], torch.tensor(1.0))
+            ties += int((logits.argmax(dim=-1) == 5).all())
+        # The sampled token at rows 2 and 3 may be a stop token.
+        logits[3, 3] += 20.0 * (trial % 2)
+        done = torch.tensor([False, True, False, trial % 3 == 0])
+        index = 4
+        expected = decode.choose_token(
+            sampler, logits, prompt, prompt_mask, index, done, stop_token_ids
+        )
+        got = torch_decode.choose_token(
+            sampler, logits, prompt.clone(), prompt_mask, index, done, stop_token_ids
+        )
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(
+                ops.convert_to_numpy(a), ops.convert_to_numpy(b)
+            )
+        if trial % 4 == 0:
+            assert (expected[2][2:] == 2).all()  # the tie's first logit
+        checked += 1
+    assert checked == 40 and ties == 10
+
+
+def test_choose_token_leaves_other_samplers_to_the_portable_choice(monkeypatch):
+    import keras_hub
+    import torch
+
+    from keras_gemma2.generation import decode
+
+    calls = []
+    portable = decode.choose_token
+
+    def spy(*args):
+        calls.append(type(args[0]).__name__)
+        return portable(*args)
+
+    monkeypatch.setattr(decode, "choose_token", spy)
+
+    class Highest(keras_hub.samplers.GreedySampler):
+        def get_next_token(self, probabilities):
+            return ops.argmin(probabilities, axis=-1)
+
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    prompt = torch.zeros((1, 4), dtype=torch.int32)
+    mask = torch.zeros((1, 4), dtype=torch.bool)
+    done = torch.tensor([False])
+    samplers = [
+        keras_hub.samplers.TopKSampler(k=2, seed=1),
+        Highest(),
+        keras_hub.samplers.GreedySampler(),
+    ]
+    tokens = [
+        int(torch_decode.choose_token(s, logits, prompt, mask, 1, done, None)[2][0])
+        for s in samplers
+    ]
+    assert calls == ["TopKSampler", "Highest"]
+    assert tokens[1:] == [0, 1]
