@@ -453,8 +453,12 @@ def test_copied_kernels_follow_the_variables():
         kernel.assign(-kernel.numpy()[:, ::-1])
         fast, full = fast_and_portable_logits(causal_lm, token_ids, 3)
         renewed = _decoder(causal_lm, token_ids)
-        # Gate and up share one stacked copy, made again; down's is kept.
-        assert renewed.layers[0].gate.group[0] is not copied.group[0]
+        # Gate and up share one stacked copy, written again in place (no
+        # second copy); down's is kept as it was.
+        assert renewed.layers[0].gate.group[0] is copied.group[0]
+        np.testing.assert_array_equal(
+            renewed.layers[0].gate.table.numpy(), kernel.numpy().T
+        )
         assert renewed.layers[0].down.table is decoder.layers[0].down.table
     finally:
         torch.set_num_threads(before)
@@ -475,13 +479,19 @@ def test_sliced_products_equal_the_layers(monkeypatch):
 
     slices = []
     real = torch_matmul._sliced
+    rows = torch_matmul.RowProduct.__call__
 
     def recording(x, w, at_least):
         sliced = real(x, w, at_least)
         slices.append(1 if sliced is None else sliced.shape[0])
         return sliced
 
+    def recording_rows(self, x):
+        slices.append(self.sliced.shape[0])
+        return rows(self, x)
+
     monkeypatch.setattr(torch_matmul, "_sliced", recording)
+    monkeypatch.setattr(torch_matmul.RowProduct, "__call__", recording_rows)
     token_ids = np.random.RandomState(4).randint(0, 512, (1, 12)).astype("int32")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -496,6 +506,7 @@ def test_sliced_products_equal_the_layers(monkeypatch):
     monkeypatch.setattr(torch_matmul, "MIN_ELEMENTS", 2**40)
     monkeypatch.setattr(torch_matmul, "_SLICES", {})
     monkeypatch.setattr(torch_matmul, "_sliced", real)
+    monkeypatch.setattr(torch_matmul.RowProduct, "__call__", rows)
     unsliced, _ = fast_and_portable_logits(causal_lm, token_ids, 3)
     noise = np.abs(unsliced - full).max()
     assert noise > 0

@@ -175,7 +175,8 @@ def test_copies_are_cached_until_the_variable_changes(two_threads):
     with torch.no_grad():
         source.copy_(torch.ones_like(source))  # what a Keras `assign` does
     changed = torch_matmul.transposed_copies([[(source.detach(), source)]])[0][0]
-    assert changed.table is not first.table
+    # Written again, in the same memory: no second copy.
+    assert changed.table.data_ptr() == first.table.data_ptr()
     assert torch.equal(changed.table, torch.ones((1024, 512)))
     x = torch.randn(1, 512)
     with torch.no_grad():
@@ -232,7 +233,8 @@ def test_a_group_multiplies_as_one_stacked_copy(two_threads, monkeypatch, rows):
     assert stacked.shape == (1024, 512) and stacked.is_contiguous()
     for copy, source in zip(copies, sources, strict=True):
         assert torch.equal(copy.table, source.detach().T)  # a view of `stacked`
-        assert copy.table.untyped_storage().data_ptr() == stacked.data_ptr()
+        offset = copy.table.data_ptr() - stacked.data_ptr()
+        assert 0 <= offset < stacked.numel() * 4
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
     calls = _bmm_calls(monkeypatch)
     with torch.no_grad():
@@ -249,11 +251,11 @@ def test_a_group_multiplies_as_one_stacked_copy(two_threads, monkeypatch, rows):
         np.testing.assert_allclose(
             result.numpy(), exact, rtol=0, atol=1e-5 * np.sqrt(512)
         )
-    # Cached as one entry, made again when any one of them changes.
+    # Cached as one entry, written again in place when any one changes.
     again = torch_matmul.transposed_copies([group])[0]
     assert again[0].group[0] is stacked
     with torch.no_grad():
         sources[2].mul_(2.0)
     renewed = torch_matmul.transposed_copies([group])[0]
-    assert renewed[0].group[0] is not stacked
+    assert renewed[0].group[0].data_ptr() == stacked.data_ptr()
     assert torch.equal(renewed[2].table, sources[2].detach().T)
