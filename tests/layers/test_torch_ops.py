@@ -48,3 +48,31 @@ def test_softmax_in_place_on_a_middle_axis():
     given = torch.tensor(RNG.normal(0, 3, (4, 6, 5)), dtype=torch.float32)
     expected = torch.softmax(given, dim=1)
     assert torch.equal(softmax_in_place(given, 1), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["multiply", "add"])
+def test_in_place_scalar_operands_round_as_python_scalars(name, dtype):
+    """A float operand becomes a cached 0-d float32 tensor (float32 only).
+
+    Bit for bit what the op gives with the Python float itself, written
+    over the first operand.
+    """
+    import torch
+
+    from keras_gemma2.layers.torch_ops import TORCH_OPS_IN_PLACE
+
+    op = getattr(TORCH_OPS_IN_PLACE, name)
+    reference = torch.mul if name == "multiply" else torch.add
+    for scalar in (2.0 / 50.0, 2.0 * 30.0, 1.0 / 3.0, -1e9):
+        given = torch.tensor(RNG.normal(0, 8, (3, 7)), dtype=getattr(torch, dtype))
+        expected = reference(given, scalar)
+        exact = reference(given.double(), scalar)  # float64, before the op
+        pointer = given.data_ptr()
+        actual = op(given, scalar)
+        assert actual.data_ptr() == pointer and actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
+        tolerance = 1e-6 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(
+            actual.double().numpy(), exact.numpy(), rtol=tolerance, atol=1e-6
+        )
