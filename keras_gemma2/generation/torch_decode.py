@@ -19,7 +19,9 @@ token prompt: 1.8 -> 1.2-1.4 s), their logits written into one scratch
 buffer (no page faults for fresh tensors), and the prompt's last block only
 writes its keys and values (1.38 -> 1.23 s; see `docs/decode_speed.md`);
 float32 weights multiply one row through
-`torch_matmul` (sliced over threads). The weights come
+`torch_matmul` (sliced over threads, set up once per decode:
+`torch_matmul.RowProduct`), and the weights a step streams lie in huge
+pages (`huge_pages`: 7.4 -> 6.0 ms per token). The weights come
 from `keras_gemma2.models.weight_table` (float32 projection kernels with
 an `[out, in]` copy, `torch_matmul.transposed_copies`: 8.7-10.0 -> 6.7-7.8
 ms per token); the ring slots from `kv_cache`; the
