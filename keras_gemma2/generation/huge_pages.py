@@ -17,9 +17,9 @@ Linux gives a process huge pages for its anonymous memory where it asks
 set to `always`; on this machine it is `madvise`, the common default).
 This module asks, best effort and never changing a byte:
 
-- `empty(...)`: a new torch tensor whose memory starts on a huge-page
-  boundary and is advised `MADV_HUGEPAGE` before it is first written, so
-  its pages fault in huge (`torch_matmul`'s `[out, in]` copies live in one
+- `empty(...)`: a new torch tensor in a mapping of its own, starting on a
+  huge-page boundary and advised `MADV_HUGEPAGE` before it is first
+  written, so its pages fault in huge (`torch_matmul`'s `[out, in]` copies live in one
   such arena).
 - `collapse(tensors)`: `MADV_COLLAPSE` (Linux 6.1 and later) over tensors
   that already hold data (the model's own variables): the kernel moves the
@@ -40,6 +40,7 @@ variables in the same way measured 0.579 -> 0.566 s on the benchmark's case
 
 import ctypes
 import functools
+import mmap
 import os
 import sys
 
@@ -47,10 +48,6 @@ MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 # Smaller tensors hold no whole huge page, or too few to matter.
 MIN_BYTES = 4 << 20
-
-# Filled once `madvise` refused `MADV_COLLAPSE` (an older kernel, THP off):
-# later calls do not ask again.
-_REFUSED = []
 
 
 @functools.cache
@@ -112,9 +109,9 @@ def collapse(tensors):
     Each tensor's whole storage (a view's: the tensor it views). Best
     effort: storages smaller than `MIN_BYTES` or not on the CPU are left
     alone, and so is everything where `enabled()` is false. Values never
-    change. Returns the bytes asked for.
+    change. Returns the bytes of the whole huge pages it was granted.
     """
-    if not enabled() or _REFUSED:
+    if not enabled():
         return 0
     asked = 0
     seen = set()
@@ -123,35 +120,35 @@ def collapse(tensors):
         if found is None or found in seen:
             continue
         seen.add(found)
+        # Refused (an older kernel without it, a huge page with no page
+        # written yet, no free huge page now): the tensor stays as it was.
         if _advise(*found, MADV_COLLAPSE):
             asked += _whole_pages(*found)[1]
-        elif ctypes.get_errno() == 22:  # EINVAL: no MADV_COLLAPSE here
-            _REFUSED.append(ctypes.get_errno())
-            break
-        # Anything else (EAGAIN, ENOMEM: no free huge page now): go on.
     return asked
 
 
 def empty(shape, dtype):
     """`torch.empty(shape, dtype)`, its memory advised into huge pages.
 
-    Where `enabled()`, the data starts on a huge-page boundary (one huge
-    page more is allocated, and the tensor is a view past its start) and
-    its whole huge pages are advised `MADV_HUGEPAGE` before anything is
-    written, so they fault in as huge pages. Elsewhere, or for tensors
-    under `MIN_BYTES`, a plain `torch.empty`.
+    Where `enabled()`: a fresh private anonymous mapping of its own (never
+    memory the allocator reused, whose pages may already be small), one
+    huge page longer than the data, which starts on a huge-page boundary,
+    advised `MADV_HUGEPAGE` before anything is written, so its pages fault
+    in huge. The tensor keeps the mapping; it is unmapped with the last
+    view. Elsewhere, or under `MIN_BYTES`, a plain `torch.empty`.
     """
     import torch
 
     elements = 1
     for dimension in shape:
         elements *= dimension
-    item = torch.empty((), dtype=dtype).element_size()
-    if not enabled() or elements * item < MIN_BYTES:
+    size = elements * torch.empty((), dtype=dtype).element_size()
+    if not enabled() or size < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     page = huge_page_size()
-    raw = torch.empty(elements * item + page, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, size + page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)
     offset = -raw.data_ptr() % page
-    data = raw[offset : offset + elements * item]
-    _advise(data.data_ptr(), elements * item, MADV_HUGEPAGE)
+    data = raw[offset : offset + size]
+    _advise(data.data_ptr(), size, MADV_HUGEPAGE)
     return data.view(dtype).view(shape)

@@ -375,11 +375,12 @@ class TorchDecoder:
             self.head_rows = torch_matmul.row_product([self.embeddings])
 
     def _streamed(self, backbone):
-        """The tensors a decode step reads whole: weights, codes, copies.
+        """The model's tensors a decode step reads whole: weights, codes.
 
         `__init__` moves them into huge pages (`huge_pages.collapse`, once
-        per variable: mid config, 7.43 -> 6.0 ms per token); the copies of
-        `torch_matmul.transposed_copies` are made in huge pages already.
+        per variable: mid config, 7.43 -> 6.0 ms per token, the copies
+        included). Not the copies of `torch_matmul.transposed_copies`: they
+        are made in huge pages.
         """
         blocks = zip(backbone.transformer_layers, self.layers, strict=True)
         matrices = [(self.embeddings, weight_table.EMBEDDING, backbone)] + [
@@ -392,7 +393,7 @@ class TorchDecoder:
             if isinstance(matrix, Int8Matrix):
                 yield matrix.codes
             elif isinstance(matrix, torch_matmul.Transposed):
-                yield matrix.table
+                continue  # made in huge pages (`huge_pages.empty`)
             elif isinstance(weight.variable(owner), keras.Variable):
                 yield matrix  # not a LoRA-merged kernel, made anew each call
 
@@ -431,14 +432,16 @@ class TorchDecoder:
         if rows is not None and rows.takes(h):
             # One stacked product: its queries and keys are already side by
             # side, `[..., (N + K) * H]`, no `cat`.
-            joined = rows(h)
             width = (query_heads + self.kv_heads) * self.head_dim
-            pair, value = joined[..., :width], joined[..., width:]
+            pair, value = rows(h).split_with_sizes(
+                [width, self.kv_heads * self.head_dim], -1
+            )
         else:
             query, key, value = products(h, layer.query, layer.key, layer.value)
             pair = torch.cat([query, key], dim=-1)
         pair = math.rope_rotate(pair.view(heads), rotation, TORCH_OPS)
-        query, key = pair.split([query_heads, self.kv_heads], dim=-2)
+        # `split_with_sizes`: `split` is a Python wrapper around it.
+        query, key = pair.split_with_sizes([query_heads, self.kv_heads], -2)
         return query * layer.scale, key, value.view(heads)
 
     def _block_output(self, layer, x, attended):

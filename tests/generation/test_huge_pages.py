@@ -7,6 +7,7 @@ checked here too (with THP forced off), so every assertion runs on every
 machine.
 """
 
+import mmap
 import sys
 
 import keras
@@ -50,6 +51,10 @@ def test_empty_starts_on_a_huge_page_and_faults_in_huge_pages(thp_required):
     tensor = huge_pages.empty((3, 2 << 20), torch.float32)  # 24 MiB
     assert tensor.shape == (3, 2 << 20) and tensor.dtype == torch.float32
     assert tensor.is_contiguous() and tensor.data_ptr() % page == 0
+    # A mapping of its own, one huge page of slack: nothing else lies in
+    # it, so its huge pages are the tensor's.
+    assert tensor.untyped_storage().nbytes() == (24 << 20) + page
+    assert huge_bytes(tensor) == 0  # nothing faulted in before it is written
     tensor.fill_(1.5)
     assert huge_bytes(tensor) >= 8 * page
     assert float(tensor.sum()) == 1.5 * tensor.numel()
@@ -59,13 +64,20 @@ def test_collapse_moves_a_tensor_into_huge_pages_keeping_its_values(thp_required
     import torch
 
     page = huge_pages.huge_page_size()
-    tensor = torch.randn(6 << 20)  # 24 MiB, written in 4 KiB pages
-    before = tensor.clone()
-    small = huge_bytes(tensor)
+    # A fresh mapping of its own (memory the allocator reused may hold huge
+    # pages already), 24 MiB, written in 4 KiB pages where THP is `madvise`.
+    buffer = mmap.mmap(-1, 24 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    tensor = torch.frombuffer(buffer, dtype=torch.float32)
+    before = torch.randn(6 << 20)
+    tensor.copy_(before)
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+        if "[madvise]" in file.read():
+            assert huge_bytes(tensor) == 0
     asked = huge_pages.collapse([tensor, tensor[1:]])  # one storage, once
     assert asked >= 10 * page
-    assert huge_bytes(tensor) >= small + 10 * page
+    assert huge_bytes(tensor) >= 10 * page
     assert torch.equal(tensor, before)
+    del tensor
 
 
 def test_nothing_happens_where_turned_off(monkeypatch):
@@ -80,7 +92,7 @@ def test_nothing_happens_where_turned_off(monkeypatch):
     assert huge_pages.collapse([tensor]) == 0
     fresh = huge_pages.empty((6 << 20,), torch.float32)
     assert fresh.shape == (6 << 20,)
-    # A storage of its own, exactly its size: no huge-page slack.
+    # A plain tensor: its storage exactly its size, no mapping's slack.
     assert fresh.untyped_storage().nbytes() == 24 << 20
     monkeypatch.delenv("KERAS_GEMMA2_HUGE_PAGES")
     huge_pages.huge_page_size.cache_clear()
