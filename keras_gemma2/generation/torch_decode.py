@@ -268,7 +268,9 @@ class _Layer:
 def _write(cache, slot, value):
     """Write `value [B, K, H]` into slot `slot` (int or 0-d tensor) of `cache`."""
     if isinstance(slot, int):
-        cache[:, :, slot] = value  # assignment casts to the cache dtype
+        # `copy_` casts to the cache dtype; `cache[:, :, slot] = value` does
+        # the same through Python's indexing (6.7 against about 2 us).
+        cache.select(2, slot).copy_(value)
     else:
         cache.index_copy_(2, slot.reshape(1), value.unsqueeze(2).to(cache.dtype))
 
@@ -488,11 +490,13 @@ class TorchDecoder:
         if query.dim() == 4:
             # One row per sequence: 3-D `bmm`s over `B * K` (views of the
             # caches), a third fewer torch calls than 4-D `matmul`s.
+            # The caches as views, not `reshape`s (about 3 us a call): their
+            # leading axes merge. (A batch's queries may not.)
             batch, kv_heads, groups, head_dim = query.shape
             span = keys.shape[2]
             logits = torch.bmm(
                 query.reshape(-1, groups, head_dim),
-                keys.reshape(-1, span, head_dim).transpose(1, 2),
+                keys.view(-1, span, head_dim).transpose(1, 2),
             ).view(batch, kv_heads, groups, span)
             if valid is None and not isinstance(layer.query, Int8Matrix):
                 # Every key visible (eager steps): `biased_softmax`'s
@@ -509,7 +513,7 @@ class TorchDecoder:
                 probabilities = math.masked_softmax(logits, valid, layer.cap, TORCH_OPS)
             attended = torch.bmm(
                 probabilities.to(values.dtype).view(-1, groups, span),
-                values.reshape(-1, span, head_dim),
+                values.view(-1, span, head_dim),
             )
             return attended.view(query.shape)
         # A key head's query groups as the rows of one product: the keys and
@@ -688,11 +692,11 @@ class TorchDecoder:
             attended = self._attend(
                 layer,
                 query,
-                key_cache[:, :, :span],
-                value_cache[:, :, :span],
+                key_cache.narrow(2, 0, span),
+                value_cache.narrow(2, 0, span),
                 valid[0] if local else valid[1],
             )
-            x = self._block_output(layer, x, attended.reshape(batch, -1))
+            x = self._block_output(layer, x, attended.view(batch, -1))
         return self._logits(x)
 
     def _compiled(self, token, position, global_span):
