@@ -403,7 +403,11 @@ def torch_products(dtype, rows_in=1):
                     if g == group
                 ]
                 groups.append([(kernel, kernel) for kernel in members])
-        groups = transposed_copies(groups)
+        groups = transposed_copies(groups)  # in huge pages, as the decoder's
+        # The tied head in huge pages too, as `TorchDecoder` puts the model's.
+        from keras_gemma2.generation import huge_pages
+
+        huge_pages.collapse([embedding])
 
         def run():
             with torch.inference_mode():
