@@ -40,6 +40,7 @@ variables in the same way measured 0.579 -> 0.566 s on the benchmark's case
 
 import ctypes
 import functools
+import math
 import mmap
 import os
 import sys
@@ -139,10 +140,7 @@ def empty(shape, dtype):
     """
     import torch
 
-    elements = 1
-    for dimension in shape:
-        elements *= dimension
-    size = elements * torch.empty((), dtype=dtype).element_size()
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if not enabled() or size < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
     page = huge_page_size()

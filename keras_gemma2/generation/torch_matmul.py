@@ -284,20 +284,38 @@ def stacked_products(x, matrices):
     its order, and `x` has few rows (`product`'s rule for copies): the
     results are views of its output.
     """
-    torch = _torch()
+    group = _whole_group(matrices)
+    if group is None or _torch().compiler.is_compiling() or not _few_float32_rows(x):
+        return None
+    stacked, sizes = group
+    return list(transposed_product(x, stacked).split_with_sizes(sizes, -1))
+
+
+def _whole_group(matrices):
+    """`(stacked, sizes)` if `matrices` are a whole `transposed_copies` group,
+    in its order; else `None`."""
     first = matrices[0]
-    if (
-        not isinstance(first, Transposed)
-        or first.group is None
-        or len(matrices) != len(first.group[1])
-        or torch.compiler.is_compiling()
-        or not _few_float32_rows(x)
-    ):
+    if not isinstance(first, Transposed) or first.group is None:
         return None
     stacked, sizes, members = first.group
-    if any(m is not member for m, member in zip(matrices, members, strict=True)):
+    if len(matrices) != len(members) or any(
+        m is not member for m, member in zip(matrices, members, strict=True)
+    ):
         return None
-    return list(transposed_product(x, stacked).split_with_sizes(sizes, -1))
+    return stacked, sizes
+
+
+def _sliced_product(sliced, rows):
+    """`rows [M, in] @ table.T` for `sliced`, a table `[out, in]` viewed as
+    `[S, out/S, in]`: `[M, out]`, the slices' outputs side by side."""
+    torch = _torch()
+    slices, part, inner = sliced.shape
+    # `rows.T` keeps a leading dimension of `inner` (strides `(1, in)`); one
+    # row as `view(1, in, 1)` would not, and `bmm` then ran 4x slower.
+    parts = torch.bmm(sliced, rows.T.expand(slices, inner, rows.shape[0]))
+    if rows.shape[0] == 1:  # one decode row: `[S, out/S, 1]` is `[1, out]`
+        return parts.view(1, slices * part)
+    return parts.permute(2, 0, 1).reshape(rows.shape[0], slices * part)
 
 
 class RowProduct:
@@ -314,12 +332,10 @@ class RowProduct:
     `transposed_product`'s) bit for bit.
     """
 
-    __slots__ = ("sliced", "inner", "outer", "sizes")
+    __slots__ = ("sliced", "sizes")
 
     def __init__(self, sliced, sizes):
         self.sliced = sliced  # [slices, out / slices, in], a view
-        self.inner = sliced.shape[2]
-        self.outer = sliced.shape[0] * sliced.shape[1]
         self.sizes = sizes
 
     @staticmethod
@@ -329,13 +345,7 @@ class RowProduct:
 
     def __call__(self, x):
         """`[M, sum of outs]`: `x [M, in]`'s products, side by side."""
-        torch = _torch()
-        slices, rows = self.sliced.shape[0], x.shape[0]
-        # `[S, out/S, in] @ [S, in, M]`; `x.T` as in `transposed_product`.
-        parts = torch.bmm(self.sliced, x.T.expand(slices, self.inner, rows))
-        if rows == 1:
-            return parts.view(1, self.outer)
-        return parts.permute(2, 0, 1).reshape(rows, self.outer)
+        return _sliced_product(self.sliced, x)
 
     def split(self, x):
         """The products of `x [M, in]`, one `[M, out]` view per matrix."""
@@ -357,19 +367,14 @@ def row_product(matrices):
     kernels, copies not made, and a table too small to slice).
     """
     first = matrices[0]
-    if isinstance(first, Transposed):
-        if first.group is not None:
-            table, sizes, members = first.group
-            whole = len(matrices) == len(members) and all(
-                m is member for m, member in zip(matrices, members, strict=True)
-            )
-            if not whole:
-                return None
-        elif len(matrices) == 1:
-            table, sizes = first.table, [first.table.shape[0]]
-        else:
-            return None
-    elif len(matrices) == 1 and _torch().is_tensor(first):
+    group = _whole_group(matrices)
+    if group is not None:
+        table, sizes = group
+    elif len(matrices) != 1 or (isinstance(first, Transposed) and first.group):
+        return None  # part of a group, or several matrices not stacked
+    elif isinstance(first, Transposed):
+        table, sizes = first.table, [first.table.shape[0]]
+    elif _torch().is_tensor(first):
         table, sizes = first, [first.shape[0]]
     else:
         return None
@@ -424,16 +429,7 @@ def transposed_product(x, table):
     sliced = _sliced(x, table, at_least=2)
     if sliced is None:
         return x @ table.T
-    outer, inner = table.shape
-    slices = sliced.shape[0]
-    if x.dim() == 2 and x.shape[0] == 1:  # one decode row: 4 torch calls
-        # `x.T` keeps a leading dimension of `inner` (strides `(1, in)`);
-        # `x.view(1, in, 1)` would not, and bmm then ran 4x slower.
-        column = x.T.expand(slices, inner, 1)
-        return torch.bmm(sliced, column).view(1, outer)  # [S, out/S, 1]
-    rows = x.reshape(-1, inner)
-    parts = torch.bmm(
-        sliced,  # [S, out/S, in]
-        rows.T.expand(slices, inner, rows.shape[0]),  # [S, in, M]
-    )  # [S, out/S, M]
-    return parts.permute(2, 0, 1).reshape(*x.shape[:-1], outer)
+    if x.dim() == 2:
+        return _sliced_product(sliced, x)
+    product = _sliced_product(sliced, x.reshape(-1, x.shape[-1]))
+    return product.reshape(*x.shape[:-1], table.shape[0])
