@@ -66,10 +66,22 @@ def huge_page_size():
     return 0 if "[never]" in setting else size
 
 
+VARIABLE = "KERAS_GEMMA2_HUGE_PAGES"
+
+
 def enabled():
-    """Whether to ask for huge pages (Linux with THP, not turned off)."""
-    off = os.environ.get("KERAS_GEMMA2_HUGE_PAGES", "1") == "0"
-    return not off and huge_page_size() > 0
+    """Whether to ask for huge pages (Linux with THP, not turned off).
+
+    `KERAS_GEMMA2_HUGE_PAGES`: unset, empty or `1` to ask, `0` not to; any
+    other value is refused, not read as either.
+    """
+    value = os.environ.get(VARIABLE) or "1"
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"Received an invalid value for the environment variable {VARIABLE}, "
+            f"expected '0' (off) or '1' (on, the default). Received: {value!r}"
+        )
+    return value == "1" and huge_page_size() > 0
 
 
 @functools.cache

@@ -159,3 +159,15 @@ def test_decoder_streams_its_weights_from_huge_pages(thp_required):
     assert huge_bytes(decoder.embeddings) >= 2 * page
     fast, full = fast_and_portable_logits(causal_lm, token_ids, 4)
     np.testing.assert_allclose(fast, full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["off", "false", "2"])
+def test_an_unknown_switch_value_is_refused(monkeypatch, value):
+    import torch
+
+    monkeypatch.setenv("KERAS_GEMMA2_HUGE_PAGES", value)
+    with pytest.raises(ValueError, match="KERAS_GEMMA2_HUGE_PAGES.*Received: "):
+        huge_pages.collapse([torch.zeros(6 << 20)])
+    for on in ("1", ""):
+        monkeypatch.setenv("KERAS_GEMMA2_HUGE_PAGES", on)
+        assert huge_pages.enabled() == LINUX_THP
