@@ -53,7 +53,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma2.generation import decode, huge_pages, torch_matmul
+from keras_gemma2.generation import decode, huge_pages, torch_int8, torch_matmul
 from keras_gemma2.generation.kv_cache import empty_cache, ring_positions, ring_size
 from keras_gemma2.generation.torch_int8 import Int8Matrix, products
 from keras_gemma2.layers import gemma2_math as math
@@ -360,17 +360,25 @@ class TorchDecoder:
 
     def _row_products(self):
         """Each layer's `rows`: a `torch_matmul.RowProduct` per `_SHARED_ROWS`
-        group (`None` where none applies), and the head's, `self.head_rows`.
+        group (`None` where none applies), and the head's, `self.head_rows`;
+        int8 matrices get FBGEMM packs (`torch_int8.packed_products`).
 
         Not for a compiled decoder: inductor multiplies its kernels itself.
         """
         compiled = compiles(self.causal_lm)
-        for layer in self.layers:
+        groups = [
+            [getattr(layer, name) for name in names]
+            for layer in self.layers
+            for names in _SHARED_ROWS
+        ]
+        packed = [None] * len(groups)
+        if not compiled:
+            packed = torch_int8.packed_products(groups + [[self.embeddings]])
+        width = len(_SHARED_ROWS)
+        for index, layer in enumerate(self.layers):
             layer.rows = tuple(
-                None
-                if compiled
-                else torch_matmul.row_product([getattr(layer, n) for n in names])
-                for names in _SHARED_ROWS
+                None if compiled else packed[i] or torch_matmul.row_product(groups[i])
+                for i in range(index * width, (index + 1) * width)
             )
         self.head_rows = None
         if not compiled and not isinstance(self.embeddings, Int8Matrix):

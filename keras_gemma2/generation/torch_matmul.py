@@ -386,8 +386,12 @@ def row_product(matrices):
 
 
 def clear_copies():
-    """Free every cached copy (the next `generate` call copies again)."""
+    """Free every cached copy and int8 pack (`torch_int8.pack`); the next
+    `generate` call makes them again."""
+    from keras_gemma2.generation import torch_int8
+
     _COPIES.clear()
+    torch_int8._PACKS.clear()
 
 
 def product(x, w):

@@ -17,9 +17,14 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_gemma2.generation import torch_decode
+from keras_gemma2.generation import torch_decode, torch_int8, torch_matmul
 from keras_gemma2.generation.kv_cache import empty_cache
-from keras_gemma2.generation.torch_int8 import Int8Matrix, int_mm, products
+from keras_gemma2.generation.torch_int8 import (
+    Int8Matrix,
+    exact_product,
+    int_mm,
+    products,
+)
 from tests.generation.test_generate import make_causal_lm
 from tests.generation.test_quantized_decode import padded_prompts
 from tests.generation.test_torch_decode import (
@@ -164,3 +169,113 @@ def test_int_mm_is_the_exact_integer_product(device, rows, inner, outputs):
     product = int_mm(codes.to(torch.int8).to(device), matrix.to(torch.int8).to(device))
     assert product.dtype == torch.int32 and product.shape == (rows, outputs)
     np.testing.assert_array_equal(product.cpu().numpy(), expected.int().numpy())
+
+
+def _needs_fbgemm():
+    if not torch_int8._can_pack():
+        pytest.skip("torch has no FBGEMM int8 kernels here (not x86)")
+
+
+def _decoder(causal_lm, batch=2):
+    caches = empty_cache(causal_lm.backbone, batch, 5, 8)
+    return torch_decode.TorchDecoder(causal_lm, caches)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_rows_equal_the_int_mm_products_bit_for_bit(dtype):
+    """Each layer group's FBGEMM `RowProduct` against `products` on
+    `torch._int_mm` (the matrices of a packed group carry no pack of their
+    own, so `products` multiplies their codes with `_int_mm`)."""
+    import torch
+
+    _needs_fbgemm()
+    decoder = _decoder(_quantized(dtype))
+    generator = torch.Generator().manual_seed(5)
+    for layer in decoder.layers:
+        for group, names in enumerate(torch_decode._SHARED_ROWS):
+            rows = layer.rows[group]
+            assert isinstance(rows, torch_int8.RowProduct), (group, rows)
+            matrices = [getattr(layer, name) for name in names]
+            assert all(m.fbgemm is None for m in matrices)
+            inner = matrices[0].codes.shape[0]
+            for count in (1, 2, torch_int8.PACKED_ROWS):
+                x = torch.randn(count, inner, generator=generator).to(decoder.dtype)
+                assert rows.takes(x)
+                with torch.inference_mode():
+                    packed = rows.split(x)
+                    expected = products(x, *matrices)
+                for got, want in zip(packed, expected, strict=True):
+                    assert got.dtype == want.dtype
+                    assert torch.equal(got, want), (group, count)
+            too_many = torch.zeros(torch_int8.PACKED_ROWS + 1, inner)
+            assert not rows.takes(too_many.to(decoder.dtype))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_fbgemm_sums_are_the_exact_integer_sums_rounded_once(rows):
+    """Codes near +-127 over 2048 inputs: sums past 2**24, where float32
+    rounds. FBGEMM's float32 must be the exact sum rounded once, as
+    `int_mm(...).to(float32)` (and, through it, `.to(bfloat16)`) is."""
+    import torch
+
+    _needs_fbgemm()
+    generator = torch.Generator().manual_seed(rows)
+    inner, outputs = 2048, 64
+
+    def near_127(shape):
+        return torch.randint(120, 128, shape, generator=generator)
+
+    signs = torch.randint(0, 2, (rows, inner), generator=generator) * 2 - 1
+    codes = (signs * near_127((rows, inner))).to(torch.int8)
+    # Signs matching the first row's: its sums near 127**2 * 2048.
+    weights = (signs[:1].T * near_127((inner, outputs))).to(torch.int8)
+    matrix = Int8Matrix(weights, torch.ones(outputs), None, torch.float32)
+    matrix.fbgemm = torch_int8._packed(weights.T)
+    exact = codes.double() @ weights.double()
+    assert exact.abs().max() > 2**24  # float32 cannot hold every sum
+    product = exact_product(codes, matrix)
+    assert product.dtype == torch.float32
+    assert torch.equal(product, exact.float())
+    unpacked = int_mm(codes, weights)
+    assert torch.equal(product, unpacked.to(torch.float32))
+    assert torch.equal(product.to(torch.bfloat16), unpacked.to(torch.bfloat16))
+    # Float codes (what `RowProduct` passes) give the same sums.
+    assert torch.equal(exact_product(codes.to(torch.bfloat16), matrix), product)
+
+
+def test_packs_follow_a_changed_kernel():
+    """Packs are cached per variable across decoders; an assigned kernel
+    is packed again, and the decoder still equals the layers."""
+    _needs_fbgemm()
+    causal_lm = _quantized("float32")
+    _decoder(causal_lm)  # packs cached
+    dense = causal_lm.backbone.transformer_layers[1].ffw.down_dense
+    source = ops.convert_to_tensor(dense._kernel)
+    version, pack = torch_int8._PACKS[(id(source),)]
+    codes = ops.convert_to_numpy(dense._kernel)
+    dense._kernel.assign(np.flip(codes, axis=0).copy())
+    token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH)).astype("int32")
+    fast, full = fast_and_portable_logits(causal_lm, token_ids, [5, 3])
+    assert np.abs(fast - full).max() <= 1e-5
+    new_version, new_pack = torch_int8._PACKS[(id(source),)]
+    assert new_version > version and new_pack is not pack
+
+
+def test_packs_only_within_the_copy_limit_and_cleared_with_the_copies(monkeypatch):
+    _needs_fbgemm()
+    causal_lm = _quantized("float32")
+    torch_matmul.clear_copies()
+    monkeypatch.setattr(torch_matmul, "COPY_BYTES", 0)
+    decoder = _decoder(causal_lm)
+    assert not any(
+        isinstance(rows, torch_int8.RowProduct)
+        for layer in decoder.layers
+        for rows in layer.rows
+    )
+    assert decoder.embeddings.fbgemm is None and not torch_int8._PACKS
+    monkeypatch.undo()
+    decoder = _decoder(causal_lm)
+    assert decoder.embeddings.fbgemm is not None  # the weight-only head
+    assert torch_int8._PACKS
+    torch_matmul.clear_copies()
+    assert not torch_int8._PACKS
