@@ -53,7 +53,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma2.generation import decode, huge_pages, torch_int8, torch_matmul
+from keras_gemma2.generation import (
+    decode,
+    huge_pages,
+    torch_half,
+    torch_int8,
+    torch_matmul,
+)
 from keras_gemma2.generation.kv_cache import empty_cache, ring_positions, ring_size
 from keras_gemma2.generation.torch_int8 import Int8Matrix, products
 from keras_gemma2.layers import gemma2_math as math
@@ -309,7 +315,7 @@ class TorchDecoder:
             backbone, (weight_table.EMBEDDING, weight_table.FINAL_NORM), sizes, dtype
         )
         self.embeddings, self.final_norm = own["token_embedding"], own["final_norm"]
-        self._row_products()
+        self._row_products(backbone)
         huge_pages.collapse(self._streamed(backbone))
         self.dtype = TORCH_OPS.cast(0, dtype).dtype
         self.embedding_scale = math.embedding_scale(
@@ -326,20 +332,11 @@ class TorchDecoder:
             self.head_dim, backbone.rope_max_wavelength, TORCH_OPS
         ).to(caches[0][0].device)
 
-    def _transpose_projections(self, backbone):
-        """Float32 projection kernels as `torch_matmul.Transposed`, if they fit.
-
-        Few rows multiply an `[out, in]` copy faster than the `[in, out]`
-        kernel (see `torch_matmul`); the copies are cached per variable,
-        those of query, key and value stacked into one, as are gate and
-        up's. LoRA-merged kernels (fresh each call) are not copied, nor
-        any kernel of a compiled decoder (`compiles`: inductor multiplies
-        the kernels themselves).
-        """
+    def _sourced(self, backbone):
+        """Per layer and `_SHARED_ROWS` group, `(matrix, source)` pairs:
+        `source` the variable's tensor behind the matrix, or `None` for a
+        matrix made per call (a LoRA-merged kernel) or not a tensor."""
         import torch
-
-        if compiles(self.causal_lm):
-            return
 
         groups = []
         for block, layer in zip(backbone.transformer_layers, self.layers, strict=True):
@@ -352,37 +349,76 @@ class TorchDecoder:
                     cached = cached and torch.is_tensor(matrix)
                     group.append((matrix, variable.value if cached else None))
                 groups.append(group)
-        copies = iter(torch_matmul.transposed_copies(groups))
+        return groups
+
+    def _transpose_projections(self, backbone):
+        """Float32 projection kernels as `torch_matmul.Transposed`, if they fit.
+
+        Few rows multiply an `[out, in]` copy faster than the `[in, out]`
+        kernel (see `torch_matmul`); the copies are cached per variable,
+        those of query, key and value stacked into one, as are gate and
+        up's. LoRA-merged kernels (fresh each call) are not copied, nor
+        any kernel of a compiled decoder (`compiles`: inductor multiplies
+        the kernels themselves).
+        """
+        if compiles(self.causal_lm):
+            return
+        copies = iter(torch_matmul.transposed_copies(self._sourced(backbone)))
         for layer in self.layers:
             for names in _SHARED_ROWS:
                 for name, matrix in zip(names, next(copies), strict=True):
                     setattr(layer, name, matrix)
 
-    def _row_products(self):
-        """Each layer's `rows`: a `torch_matmul.RowProduct` per `_SHARED_ROWS`
-        group (`None` where none applies), and the head's, `self.head_rows`;
-        int8 matrices get FBGEMM packs (`torch_int8.packed_products`).
+    def _row_products(self, backbone):
+        """Each layer's `rows`, one per `_SHARED_ROWS` group, and the head's,
+        `self.head_rows`: what multiplies few rows by the group's matrices
+        side by side, or `None` where nothing applies.
+
+        - int8 matrices: `torch_int8.RowProduct` (FBGEMM int8 packs);
+        - bfloat16 kernels: `torch_half.HalfRowProduct` (FBGEMM float16
+          packs);
+        - float32: `torch_matmul.RowProduct` (sliced `[out, in]` tables).
 
         Not for a compiled decoder: inductor multiplies its kernels itself.
         """
+        import torch
+
         compiled = compiles(self.causal_lm)
-        groups = [
-            [getattr(layer, name) for name in names]
-            for layer in self.layers
-            for names in _SHARED_ROWS
-        ]
-        packed = [None] * len(groups)
+        sourced = self._sourced(backbone)
+        groups = [[matrix for matrix, _ in group] for group in sourced]
+        packed = half = [None] * (len(groups) + 1)
         if not compiled:
             packed = torch_int8.packed_products(groups + [[self.embeddings]])
+            # `[out, in]` rows: the kernels' transposes, the head's table.
+            rows = [
+                [(m.T if s is not None else m, s) for m, s in group]
+                for group in sourced
+            ]
+            table = weight_table.EMBEDDING.variable(backbone)
+            own = isinstance(table, keras.Variable) and torch.is_tensor(self.embeddings)
+            rows.append([(self.embeddings, table.value if own else None)])
+            half = torch_half.half_products(rows)
         width = len(_SHARED_ROWS)
         for index, layer in enumerate(self.layers):
             layer.rows = tuple(
-                None if compiled else packed[i] or torch_matmul.row_product(groups[i])
+                None
+                if compiled
+                else packed[i] or half[i] or torch_matmul.row_product(groups[i])
                 for i in range(index * width, (index + 1) * width)
             )
-        self.head_rows = None
-        if not compiled and not isinstance(self.embeddings, Int8Matrix):
-            self.head_rows = torch_matmul.row_product([self.embeddings])
+        # What the packs stand in for (`_streamed` leaves it in place).
+        self._on_packs = {
+            id(matrix)
+            for index, group in enumerate(groups + [[self.embeddings]])
+            for matrix in group
+            if packed[index]
+            or half[index]
+            or getattr(matrix, "fbgemm", None) is not None
+        }
+        self.head_rows = half[-1]
+        if not compiled and self.head_rows is None:
+            if not isinstance(self.embeddings, Int8Matrix):
+                self.head_rows = torch_matmul.row_product([self.embeddings])
 
     def _streamed(self, backbone):
         """The model's tensors a decode step reads whole: weights, codes.
@@ -390,7 +426,7 @@ class TorchDecoder:
         `__init__` moves them into huge pages (`huge_pages.collapse`, once
         per variable: mid config, 7.43 -> 6.0 ms per token, the copies
         included). Not the copies of `torch_matmul.transposed_copies`: they
-        are made in huge pages.
+        are made in huge pages; nor what FBGEMM packs stand in for.
         """
         blocks = zip(backbone.transformer_layers, self.layers, strict=True)
         matrices = [(self.embeddings, weight_table.EMBEDDING, backbone)] + [
@@ -400,6 +436,8 @@ class TorchDecoder:
             if not weight.is_norm_scale
         ]
         for matrix, weight, owner in matrices:
+            if id(matrix) in self._on_packs:
+                continue
             if isinstance(matrix, Int8Matrix):
                 yield matrix.codes
             elif isinstance(matrix, torch_matmul.Transposed):

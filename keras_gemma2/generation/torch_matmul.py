@@ -80,6 +80,10 @@ COPY_BYTES = 2**30
 # copied again.
 _COPIES = {}
 
+# `(kind, id(variable tensor), ...) -> (their versions, pack)`: see
+# `cached_pack`.
+_PACKS = {}
+
 # `(id(weight), at_least) -> (threads, slices)`, so a decode step does not redo the
 # weight's checks 57 times a token. An entry leaves with its weight.
 _SLICES = {}
@@ -386,12 +390,32 @@ def row_product(matrices):
 
 
 def clear_copies():
-    """Free every cached copy and int8 pack (`torch_int8.pack`); the next
-    `generate` call makes them again."""
-    from keras_gemma2.generation import torch_int8
-
+    """Free every cached copy and pack (`cached_pack`); the next `generate`
+    call makes them again."""
     _COPIES.clear()
-    torch_int8._PACKS.clear()
+    _PACKS.clear()
+
+
+def cached_pack(kind, sources, make):
+    """`make()`'s pack of the variable tensors `sources`, cached.
+
+    Kept across `generate` calls under `kind` and the sources; made again
+    when one of them changes (a higher `_version`); an entry leaves with
+    any of its sources. For the packed copies that FBGEMM multiplies
+    (`torch_int8.packed_products`, `torch_half.half_products`).
+    """
+    torch = _torch()
+    key = (kind,) + tuple(id(source) for source in sources)
+    versions = tuple(source._version for source in sources)
+    known = _PACKS.get(key)
+    if known is None or known[0] != versions:
+        if known is None:
+            for source in sources:
+                weakref.finalize(source, _PACKS.pop, key, None)
+        with torch.inference_mode():
+            known = (versions, make())
+        _PACKS[key] = known
+    return known[1]
 
 
 def product(x, w):

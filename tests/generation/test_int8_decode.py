@@ -251,13 +251,13 @@ def test_packs_follow_a_changed_kernel():
     _decoder(causal_lm)  # packs cached
     dense = causal_lm.backbone.transformer_layers[1].ffw.down_dense
     source = ops.convert_to_tensor(dense._kernel)
-    version, pack = torch_int8._PACKS[(id(source),)]
+    version, pack = torch_matmul._PACKS[("int8", id(source))]
     codes = ops.convert_to_numpy(dense._kernel)
     dense._kernel.assign(np.flip(codes, axis=0).copy())
     token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH)).astype("int32")
     fast, full = fast_and_portable_logits(causal_lm, token_ids, [5, 3])
     assert np.abs(fast - full).max() <= 1e-5
-    new_version, new_pack = torch_int8._PACKS[(id(source),)]
+    new_version, new_pack = torch_matmul._PACKS[("int8", id(source))]
     assert new_version > version and new_pack is not pack
 
 
@@ -272,10 +272,10 @@ def test_packs_only_within_the_copy_limit_and_cleared_with_the_copies(monkeypatc
         for layer in decoder.layers
         for rows in layer.rows
     )
-    assert decoder.embeddings.fbgemm is None and not torch_int8._PACKS
+    assert decoder.embeddings.fbgemm is None and not torch_matmul._PACKS
     monkeypatch.undo()
     decoder = _decoder(causal_lm)
     assert decoder.embeddings.fbgemm is not None  # the weight-only head
-    assert torch_int8._PACKS
+    assert torch_matmul._PACKS
     torch_matmul.clear_copies()
-    assert not torch_int8._PACKS
+    assert not torch_matmul._PACKS
