@@ -133,21 +133,14 @@ def half_products(groups):
     variable changes (`torch_matmul.cached_pack`).
     """
     torch = _torch()
-    chosen = [
-        all(_packable(rows, source) for rows, source in group) for group in groups
-    ]
-    total = sum(
-        rows.numel() * 2
-        for group, packs in zip(groups, chosen, strict=True)
-        if packs
-        for rows, _ in group
-    )
     results = [None] * len(groups)
-    if total > torch_matmul.COPY_BYTES or not _can_pack():
+    if not _can_pack():
         return results
-    for index, (group, packs) in enumerate(zip(groups, chosen, strict=True)):
-        if not packs:
-            continue
+    chosen = torch_matmul.within_copy_limit(
+        groups, lambda pair: _packable(*pair), lambda pair: pair[0].numel() * 2
+    )
+    for index in chosen:
+        group = groups[index]
 
         def make(group=group):
             rows = torch.cat([rows for rows, _ in group])

@@ -240,19 +240,11 @@ def packed_products(groups):
     and made again when a variable changes (`torch_matmul.clear_copies`
     frees them).
     """
-    chosen = [all(_packable(m) for m in group) for group in groups]
-    total = sum(
-        m.codes.numel()
-        for group, packs in zip(groups, chosen, strict=True)
-        if packs
-        for m in group
-    )
     results = [None] * len(groups)
-    if total > torch_matmul.COPY_BYTES or not _can_pack():
+    if not _can_pack():
         return results
-    for index, (group, packs) in enumerate(zip(groups, chosen, strict=True)):
-        if not packs:
-            continue
+    for index in torch_matmul.within_copy_limit(groups, _packable, _code_bytes):
+        group = groups[index]
         quantizers = {_quantizer_key(m.quantizer) for m in group}
         if None not in quantizers and len(quantizers) == 1:
             if all(m.lora is None for m in group):
@@ -261,6 +253,10 @@ def packed_products(groups):
         for matrix in group:
             matrix.fbgemm = _pack_of([matrix])
     return results
+
+
+def _code_bytes(matrix):
+    return matrix.codes.numel()
 
 
 def _quantizer_key(quantizer):

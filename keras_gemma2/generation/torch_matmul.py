@@ -396,6 +396,19 @@ def clear_copies():
     _PACKS.clear()
 
 
+def within_copy_limit(groups, packable, size):
+    """The indices of the groups to pack: those whose every member is
+    `packable`, while their packs (`size(member)` bytes each) total at
+    most `COPY_BYTES`; none past it."""
+    chosen = [
+        index
+        for index, group in enumerate(groups)
+        if all(packable(member) for member in group)
+    ]
+    total = sum(size(member) for index in chosen for member in groups[index])
+    return chosen if total <= COPY_BYTES else []
+
+
 def cached_pack(kind, sources, make):
     """`make()`'s pack of the variable tensors `sources`, cached.
 

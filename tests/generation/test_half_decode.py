@@ -5,7 +5,6 @@ torch's own bfloat16 product; the decoder's logits against the bfloat16
 layers are held in `test_torch_decode.test_bfloat16_equals_the_layers_in_bfloat16`.
 """
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -14,14 +13,12 @@ from keras_gemma2.generation import torch_decode, torch_half, torch_matmul
 from keras_gemma2.generation.kv_cache import empty_cache
 from tests.generation.test_torch_decode import (
     LENGTH,
+    TORCH_ONLY,
     fast_and_portable_logits,
     make_configured,
 )
 
-pytestmark = pytest.mark.skipif(
-    keras.config.backend() != "torch",
-    reason="TorchDecoder is the torch backend's decode path; it runs only there",
-)
+pytestmark = TORCH_ONLY
 
 
 def _needs_fbgemm():

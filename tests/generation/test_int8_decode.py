@@ -12,7 +12,6 @@ the window, max |logit| difference):
   roundings in the same order).
 """
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -29,14 +28,12 @@ from tests.generation.test_generate import make_causal_lm
 from tests.generation.test_quantized_decode import padded_prompts
 from tests.generation.test_torch_decode import (
     LENGTH,
+    TORCH_ONLY,
     fast_and_portable_logits,
     make_configured,
 )
 
-pytestmark = pytest.mark.skipif(
-    keras.config.backend() != "torch",
-    reason="TorchDecoder is the torch backend's decode path; it runs only there",
-)
+pytestmark = TORCH_ONLY
 
 
 def _randomize_lora(causal_lm):

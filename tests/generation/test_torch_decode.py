@@ -13,10 +13,11 @@ from keras_gemma2.models import weight_table
 from tests.conftest import TINY_BACKBONE_CONFIG, randomize_weights
 from tests.generation.test_generate import make_causal_lm
 
-pytestmark = pytest.mark.skipif(
+TORCH_ONLY = pytest.mark.skipif(
     keras.config.backend() != "torch",
     reason="TorchDecoder is the torch backend's decode path; it runs only there",
 )
+pytestmark = TORCH_ONLY
 
 LENGTH = 20  # the tiny window is 5: decoding runs far past it
 
