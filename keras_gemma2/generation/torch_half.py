@@ -51,7 +51,7 @@ def _can_pack():
     torch = _torch()
     ops = torch.ops.quantized
     return (
-        torch.backends.quantized.engine in ("x86", "fbgemm")
+        torch_matmul.fbgemm_engine()
         and hasattr(ops, "linear_prepack_fp16")
         and hasattr(ops, "linear_dynamic_fp16")
     )

@@ -175,7 +175,7 @@ def int_mm(codes, matrix_codes):
 def _can_pack():
     """Whether this torch multiplies packed int8 codes on FBGEMM (x86)."""
     torch = _torch()
-    return torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(
+    return torch_matmul.fbgemm_engine() and hasattr(
         torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"
     )
 

@@ -396,6 +396,13 @@ def clear_copies():
     _PACKS.clear()
 
 
+def fbgemm_engine():
+    """Whether torch's quantized engine is FBGEMM's here (x86 with AVX2;
+    `supported_engines` lists it only where the CPU runs it)."""
+    engines = _torch().backends.quantized
+    return engines.engine in ("x86", "fbgemm") and "fbgemm" in engines.supported_engines
+
+
 def within_copy_limit(groups, packable, size):
     """The indices of the groups to pack: those whose every member is
     `packable`, while their packs (`size(member)` bytes each) total at

@@ -276,3 +276,29 @@ def test_packs_only_within_the_copy_limit_and_cleared_with_the_copies(monkeypatc
     assert torch_matmul._PACKS
     torch_matmul.clear_copies()
     assert not torch_matmul._PACKS
+
+
+def test_another_quantized_engine_keeps_the_int_mm_products():
+    """With torch's quantized engine set to QNNPACK by the user, FBGEMM's
+    packs are not made (its ops would take QNNPACK's), and the decoder
+    still equals the layers on `torch._int_mm`."""
+    import torch
+
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no QNNPACK engine to switch to")
+    causal_lm = _quantized("float32")
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        decoder = _decoder(causal_lm)
+        token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH))
+        fast, full = fast_and_portable_logits(causal_lm, token_ids.astype("int32"), 4)
+    finally:
+        torch.backends.quantized.engine = engine
+    assert not any(
+        isinstance(rows, torch_int8.RowProduct)
+        for layer in decoder.layers
+        for rows in layer.rows
+    )
+    assert decoder.embeddings.fbgemm is None
+    assert np.abs(fast - full).max() <= 1e-5
