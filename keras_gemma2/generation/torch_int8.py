@@ -65,13 +65,21 @@ def quantize_rows(x, quantizer):
 def _rounded(x, low, high, epsilon):
     """`quantize_rows` with the codes left in `x`'s dtype (whole numbers)."""
     torch = _torch()
+    # max |x| in one call (`abs` then `amax` in two); then, in place on
+    # this call's own tensors, the same roundings as out of place.
+    peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
     # `torch.divide`, not `high / tensor`: torch computes the latter as
     # `reciprocal * high`, rounding twice in bfloat16.
-    scale = torch.divide(high, x.abs().amax(dim=-1, keepdim=True) + epsilon)
+    scale = torch.divide(high, peak.add_(epsilon))
     if scale.dtype != x.dtype:
         scale = scale.to(x.dtype)
-    # In place on the product, this call's own tensor: the same roundings.
-    return torch.mul(x, scale).round_().clamp_(low, high), scale
+    codes = torch.mul(x, scale).round_()
+    if x.dtype != torch.float32 or low != -high:
+        # In float32, |x * scale| <= high (1 + 2**-23) for every row, so a
+        # symmetric range clips nothing; bfloat16's coarser scale can
+        # round a code to high + 1.
+        codes.clamp_(low, high)
+    return codes, scale
 
 
 class Int8Matrix:

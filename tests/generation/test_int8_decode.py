@@ -302,3 +302,26 @@ def test_another_quantized_engine_keeps_the_int_mm_products():
     )
     assert decoder.embeddings.fbgemm is None
     assert np.abs(fast - full).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantize_rows_equals_keras_quantizer_bit_for_bit(dtype):
+    """`quantize_rows` against the int8 layers' own `AbsMaxQuantizer`."""
+    import torch
+
+    causal_lm = _quantized(dtype)
+    quantizer = causal_lm.backbone.transformer_layers[0].ffw.down_dense.inputs_quantizer
+    rng = np.random.RandomState(6)
+    rows = rng.normal(0.0, 1.0, (5, 64)) * np.array([[1e-3], [1.0], [30.0], [1e4], [0]])
+    rows[1, 3] = 250.0  # one outlier sets the row's scale
+    # In bfloat16, 0.65625 times its rounded scale rounds to 128: clipped.
+    rows[4, :2] = [0.65625, -0.3]
+    # And 400 heavy-tailed rows of scales 1e-4 to 1e4.
+    heavy = rng.standard_t(2, (400, 64)) * 10.0 ** rng.uniform(-4, 4, (400, 1))
+    x = torch.as_tensor(np.concatenate([rows, heavy])).to(getattr(torch, dtype))
+    codes, scale = torch_int8.quantize_rows(x, quantizer)
+    want_codes, want_scale = quantizer(x)
+    assert codes.dtype == torch.int8
+    assert torch.equal(codes, ops.convert_to_tensor(want_codes))
+    assert torch.equal(scale, ops.convert_to_tensor(want_scale).to(scale.dtype))
+    assert scale.dtype == x.dtype
