@@ -29,8 +29,10 @@ layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
 - int8: per-output-channel int8 weights; the row quantized per row
   (jax/tensorflow: int8 x int8 -> int32 dots, as Keras' int8 layers do,
   with a lone row as two equal rows and the head's as three, as our XLA
-  decode step multiplies them, see `xla_int8_rows`; torch:
-  `torch._int_mm`, as `TorchDecoder` does).
+  decode step multiplies them, see `xla_int8_rows`; torch: FBGEMM's int8
+  packs for few rows on x86, else `torch._int_mm`, as `TorchDecoder` does).
+- torch bfloat16: FBGEMM's float16 packs for few rows on x86, as
+  `TorchDecoder` multiplies them (`torch_half`).
 
 The weights (about 190 MB in float32) exceed this machine's caches, so
 every product streams its matrix from memory, as in decoding. Each backend
@@ -357,26 +359,38 @@ def torch_products(dtype, rows_in=1):
         for n in (HIDDEN, FFW)
     }
     if dtype == "int8":
-        # TorchDecoder's own int8 product (`torch._int_mm` on CPU, any rows).
-        from keras_gemma2.generation.torch_int8 import int_mm
+        # TorchDecoder's own int8 products: few rows on FBGEMM's packs where
+        # torch has them (x86), a group sharing its rows (`GROUPS`) packed
+        # as one (`torch_int8.packed_products`); otherwise `torch._int_mm`.
+        from keras_gemma2.generation import torch_int8
 
         kernels, (table, table_scale) = int8_weights()
-        kernels = [(torch.from_numpy(c), torch.from_numpy(s)) for c, s in kernels]
-        table = torch.from_numpy(np.ascontiguousarray(table))
-        table_scale = torch.from_numpy(table_scale)
 
-        def product(x, codes, scale, transpose=False):
-            row_scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
-            q = torch.round(x / row_scale).to(torch.int8)
-            out = int_mm(q, codes.T if transpose else codes)
-            return out.float() * row_scale * scale.reshape(1, -1)
+        def matrix(codes, scale, quantizer, transpose=False):
+            # A variable-like tensor behind the codes, as a model's.
+            codes = torch.from_numpy(np.ascontiguousarray(codes))
+            source = torch.nn.Parameter(codes, requires_grad=False)
+            view = source.detach().T if transpose else source.detach()
+            scale = torch.from_numpy(scale).reshape(-1)
+            return torch_int8.Int8Matrix(
+                view, scale, quantizer, torch.float32, source=source
+            )
+
+        quantizer = torch_int8._RowQuantizer  # Keras' int8 defaults
+        groups = grouped([matrix(c, s, quantizer) for c, s in kernels])
+        head = matrix(table, table_scale, None, transpose=True)  # weight-only
+        packed = torch_int8.packed_products(groups + [[head]])
+        rows = {n: r.float() for n, r in rows.items()}
 
         def run():
-            with torch.no_grad():
-                for codes, scale in kernels:
-                    product(rows[codes.shape[0]].float(), codes, scale)
-                last = rows[HIDDEN][-1:].float()
-                product(last, table, table_scale, transpose=True)
+            with torch.inference_mode():
+                for group, pack in zip(groups, packed, strict=False):
+                    x = rows[group[0].codes.shape[0]]
+                    if pack is not None and pack.takes(x):
+                        pack.split(x)
+                    else:
+                        torch_int8.products(x, *group)
+                torch_int8.products(rows[HIDDEN][-1:], head)
 
     else:
         cast = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -387,35 +401,58 @@ def torch_products(dtype, rows_in=1):
 
         # TorchDecoder's own float products: float32 kernels through their
         # `[out, in]` copies, a group sharing its rows (`GROUPS`) stacked
-        # into one; split over threads on CPU.
+        # into one, split over threads on CPU; bfloat16 ones, few rows, on
+        # FBGEMM's float16 packs where torch has them (`torch_half`).
+        from keras_gemma2.generation import huge_pages, torch_half
         from keras_gemma2.generation.torch_int8 import products
         from keras_gemma2.generation.torch_matmul import (
             transposed_copies,
             transposed_product,
         )
 
-        groups = []
-        for layer in range(LAYERS):
-            for group in sorted(set(GROUPS)):
-                members = [
-                    kernels[layer * len(SHAPES) + i]
-                    for i, g in enumerate(GROUPS)
-                    if g == group
-                ]
-                groups.append([(kernel, kernel) for kernel in members])
-        groups = transposed_copies(groups)  # in huge pages, as the decoder's
-        # The tied head in huge pages too, as `TorchDecoder` puts the model's.
-        from keras_gemma2.generation import huge_pages
-
-        huge_pages.collapse([embedding])
+        groups = grouped(kernels)
+        head_rows = None
+        if cast == torch.float32:
+            groups = transposed_copies([[(k, k) for k in g] for g in groups])
+            # The tied head in huge pages too, as `TorchDecoder` puts it.
+            huge_pages.collapse([embedding])
+            half = [None] * len(groups)
+        else:
+            pairs = [[(k.T, k) for k in g] for g in groups] + [[(embedding, embedding)]]
+            half = torch_half.half_products(pairs)
+            head_rows = half.pop()
 
         def run():
             with torch.inference_mode():
-                for group in groups:
-                    products(rows[group[0].shape[0]], *group)
-                transposed_product(rows[HIDDEN][-1:], embedding)
+                for group, pack in zip(groups, half, strict=True):
+                    x = rows[group[0].shape[0]]
+                    if pack is not None and pack.takes(x):
+                        pack.split(x)
+                    else:
+                        products(x, *group)
+                last = rows[HIDDEN][-1:]
+                if head_rows is not None and head_rows.takes(last):
+                    head_rows(last)
+                else:
+                    transposed_product(last, embedding)
 
     return run
+
+
+def grouped(matrices):
+    """`matrices` (in `SHAPES` order, layer after layer) as the groups that
+    share their rows (`GROUPS`), in the model's order."""
+    groups = []
+    for layer in range(LAYERS):
+        for group in sorted(set(GROUPS)):
+            groups.append(
+                [
+                    matrices[layer * len(SHAPES) + i]
+                    for i, g in enumerate(GROUPS)
+                    if g == group
+                ]
+            )
+    return groups
 
 
 def weight_bytes(dtype):
