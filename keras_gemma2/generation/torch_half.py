@@ -57,14 +57,7 @@ def _can_pack():
     )
 
 
-@functools.cache
-def _product_op():
-    # The overload itself: the op's packet checks every call's arguments
-    # for script objects (about 2 us).
-    return _torch().ops.quantized.linear_dynamic_fp16.default
-
-
-class HalfRowProduct:
+class HalfRowProduct(torch_matmul.SideBySide):
     """Few bfloat16 rows times a group of matrices, on one float16 pack.
 
     Calling it on rows that `takes` gives the products side by side,
@@ -87,14 +80,8 @@ class HalfRowProduct:
     def __call__(self, x):
         """`[M, sum of outs]`: `x [M, in]`'s products, side by side."""
         torch = _torch()
-        return _product_op()(x.float(), self.pack).to(torch.bfloat16)
-
-    def split(self, x):
-        """The products of `x [M, in]`, one `[M, out]` view per matrix."""
-        products = self(x)
-        if len(self.sizes) == 1:
-            return [products]
-        return products.split_with_sizes(self.sizes, -1)
+        product = torch_matmul.quantized_op("linear_dynamic_fp16")
+        return product(x.float(), self.pack).to(torch.bfloat16)
 
 
 def _packable(rows, source):

@@ -96,8 +96,8 @@ class Int8Matrix:
     def __init__(self, codes, scale, quantizer, dtype, lora=None, source=None):
         torch = _torch()
         self.codes = codes
-        self.source = source  # the variable's tensor, for `pack`'s cache
-        self.fbgemm = None  # FBGEMM's packed codes (`pack`), or None
+        self.source = source  # the variable's tensor, for the packs' cache
+        self.fbgemm = None  # FBGEMM's packed codes (`packed_products`), or None
         self.scale = scale
         self.quantizer = quantizer
         self.dtype = dtype
@@ -273,7 +273,7 @@ def _quantizer_key(quantizer):
     return tuple(quantizer.value_range), quantizer.epsilon
 
 
-class RowProduct:
+class RowProduct(torch_matmul.SideBySide):
     """Few rows times a group of int8 matrices, on one FBGEMM pack.
 
     The group's matrices quantize their input with one quantizer (query,
@@ -311,25 +311,11 @@ class RowProduct:
             sums = sums.to(self.dtype)
         return sums.div_(scale * self.scale)
 
-    def split(self, x):
-        """The products of `x [M, in]`, one `[M, out]` view per matrix."""
-        products = self(x)
-        if len(self.sizes) == 1:
-            return [products]
-        return products.split_with_sizes(self.sizes, -1)
-
 
 def _fbgemm_product(rows, scale, zero_point, pack):
     """FBGEMM's float32 `rows @ pack.T`, `rows` rounded to uint8 codes."""
-    return _fbgemm_op()(rows, scale, zero_point, pack)
-
-
-@functools.cache
-def _fbgemm_op():
-    # The overload itself: the op's packet checks every call's arguments
-    # for script objects (about 2 us).
-    op = _torch().ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    return op.default
+    op = torch_matmul.quantized_op("linear_with_input_q_dq_qweight_dq_output_fp32")
+    return op(rows, scale, zero_point, pack)
 
 
 def exact_product(codes, matrix):

@@ -322,7 +322,34 @@ def _sliced_product(sliced, rows):
     return parts.permute(2, 0, 1).reshape(rows.shape[0], slices * part)
 
 
-class RowProduct:
+class SideBySide:
+    """A group's few-row product: calling it on rows `x [M, in]` gives
+    `[M, sum of outs]`, the group's products side by side (`sizes` wide);
+    `split` gives them one `[M, out]` view per matrix. The base of
+    `RowProduct` here, `torch_int8.RowProduct` and
+    `torch_half.HalfRowProduct`, which `TorchDecoder` calls alike."""
+
+    __slots__ = ()
+
+    def split(self, x):
+        """The products of `x [M, in]`, one `[M, out]` view per matrix."""
+        products = self(x)
+        if len(self.sizes) == 1:
+            return [products]
+        # `split_with_sizes`, not `split`: the latter is a Python wrapper
+        # around it (about 5 us a call).
+        return products.split_with_sizes(self.sizes, -1)
+
+
+@functools.cache
+def quantized_op(name):
+    """The default overload of `torch.ops.quantized.<name>`, looked up once:
+    calling the op's packet checks every call's arguments for script
+    objects (about 2 us)."""
+    return getattr(_torch().ops.quantized, name).default
+
+
+class RowProduct(SideBySide):
     """`x @ m` for each of `matrices`, set up once for a decode loop.
 
     A decode step multiplies a few rows by every projection; through
@@ -350,15 +377,6 @@ class RowProduct:
     def __call__(self, x):
         """`[M, sum of outs]`: `x [M, in]`'s products, side by side."""
         return _sliced_product(self.sliced, x)
-
-    def split(self, x):
-        """The products of `x [M, in]`, one `[M, out]` view per matrix."""
-        products = self(x)
-        if len(self.sizes) == 1:
-            return [products]
-        # `split_with_sizes`, not `split`: the latter is a Python wrapper
-        # around it (about 5 us a call).
-        return products.split_with_sizes(self.sizes, -1)
 
 
 def row_product(matrices):

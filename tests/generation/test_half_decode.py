@@ -14,6 +14,7 @@ from keras_gemma2.generation.kv_cache import empty_cache
 from tests.generation.test_torch_decode import (
     LENGTH,
     TORCH_ONLY,
+    cached_pack,
     fast_and_portable_logits,
     make_configured,
 )
@@ -119,16 +120,15 @@ def test_packs_follow_a_changed_kernel_and_the_copy_limit(monkeypatch):
     _needs_fbgemm()
     causal_lm = make_configured("bfloat16")
     _decoder(causal_lm)  # packs cached
-    dense = causal_lm.backbone.transformer_layers[1].ffw.down_dense
-    source = ops.convert_to_tensor(dense.kernel)
-    version, pack = torch_matmul._PACKS[("float16", id(source))]
-    dense.kernel.assign(-ops.convert_to_numpy(dense.kernel.value.float()))
+    kernel = causal_lm.backbone.transformer_layers[1].ffw.down_dense.kernel
+    version, pack = cached_pack("float16", kernel)
+    kernel.assign(-ops.convert_to_numpy(kernel.value.float()))
     token_ids = np.random.RandomState(9).randint(0, 96, (2, LENGTH)).astype("int32")
     fast, full = fast_and_portable_logits(causal_lm, token_ids, 4)
     fast, full = fast.astype("float32"), full.astype("float32")
     # The bound of `test_bfloat16_equals_the_layers_in_bfloat16` (noise / 4).
     assert np.abs(fast - full).max() <= 0.06
-    new_version, new_pack = torch_matmul._PACKS[("float16", id(source))]
+    new_version, new_pack = cached_pack("float16", kernel)
     assert new_version > version and new_pack is not pack
     torch_matmul.clear_copies()
     monkeypatch.setattr(torch_matmul, "COPY_BYTES", 0)

@@ -29,6 +29,7 @@ from tests.generation.test_quantized_decode import padded_prompts
 from tests.generation.test_torch_decode import (
     LENGTH,
     TORCH_ONLY,
+    cached_pack,
     fast_and_portable_logits,
     make_configured,
 )
@@ -246,15 +247,13 @@ def test_packs_follow_a_changed_kernel():
     _needs_fbgemm()
     causal_lm = _quantized("float32")
     _decoder(causal_lm)  # packs cached
-    dense = causal_lm.backbone.transformer_layers[1].ffw.down_dense
-    source = ops.convert_to_tensor(dense._kernel)
-    version, pack = torch_matmul._PACKS[("int8", id(source))]
-    codes = ops.convert_to_numpy(dense._kernel)
-    dense._kernel.assign(np.flip(codes, axis=0).copy())
+    kernel = causal_lm.backbone.transformer_layers[1].ffw.down_dense._kernel
+    version, pack = cached_pack("int8", kernel)
+    kernel.assign(np.flip(ops.convert_to_numpy(kernel), axis=0).copy())
     token_ids = np.random.RandomState(3).randint(0, 96, (2, LENGTH)).astype("int32")
     fast, full = fast_and_portable_logits(causal_lm, token_ids, [5, 3])
     assert np.abs(fast - full).max() <= 1e-5
-    new_version, new_pack = torch_matmul._PACKS[("int8", id(source))]
+    new_version, new_pack = cached_pack("int8", kernel)
     assert new_version > version and new_pack is not pack
 
 

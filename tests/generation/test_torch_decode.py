@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
-from keras_gemma2.generation import torch_decode
+from keras_gemma2.generation import torch_decode, torch_matmul
 from keras_gemma2.generation.decode import prefill
 from keras_gemma2.generation.kv_cache import empty_cache
 from keras_gemma2.models import weight_table
@@ -356,6 +356,11 @@ CONFIGS = {
         query_pre_attn_scalar=32 / 4,  # hidden / heads
     ),
 }
+
+
+def cached_pack(kind, variable):
+    """`(version, pack)` that `torch_matmul.cached_pack` keeps for `variable`."""
+    return torch_matmul._PACKS[(kind, id(ops.convert_to_tensor(variable)))]
 
 
 def make_configured(dtype="float32", **overrides):
