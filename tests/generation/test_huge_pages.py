@@ -5,8 +5,18 @@ that holds a tensor) is the reference. Where THP is off or absent,
 `huge_page_size()` is 0 and the module must change nothing; those cases are
 checked here too (with THP forced off), so every assertion runs on every
 machine.
+
+Huge pages are best effort: a kernel short of free 2 MiB blocks (memory
+fragmented by what ran before, a cgroup near its limit) grants fewer. The
+project's CI once got one huge page of four for the decoder's head. So where
+fewer pages came than asked for, a test requires the kernel's own word that
+it refused: `errno` ENOMEM, EAGAIN or EBUSY from `MADV_COLLAPSE`, or a
+fallback counted in `/proc/vmstat` for pages faulted in. EINVAL (a range of
+ours the kernel rejects), or fewer pages with no refusal, still fails.
 """
 
+import ctypes
+import errno
 import mmap
 import sys
 
@@ -35,6 +45,62 @@ def huge_bytes(tensor):
     return total
 
 
+# What `MADV_COLLAPSE` answers when the kernel lacks the memory, not when the
+# range is wrong (madvise(2)).
+REFUSALS = (errno.ENOMEM, errno.EAGAIN, errno.EBUSY)
+FAULT_FALLBACKS = ("thp_fault_fallback", "thp_fault_fallback_charge")
+
+
+def kernel_counters():
+    """`/proc/vmstat`: the kernel's event counts, by name."""
+    with open("/proc/vmstat") as file:
+        return {name: int(value) for name, value in map(str.split, file)}
+
+
+def fell_back(before):
+    """Whether the kernel counted a huge-page fault falling back since."""
+    after = kernel_counters()
+    return any(after.get(n, 0) > before.get(n, 0) for n in FAULT_FALLBACKS)
+
+
+class Advice:
+    """Records each `huge_pages._advise`: range, advice, taken, errno."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = huge_pages._advise
+
+        def record(address, size, advice):
+            took = real(address, size, advice)
+            self.calls.append((address, size, advice, took, ctypes.get_errno()))
+            return took
+
+        monkeypatch.setattr(huge_pages, "_advise", record)
+
+    def collapse_of(self, tensor):
+        """`(took, errno)` of the `MADV_COLLAPSE` over `tensor`'s storage."""
+        storage = tensor.untyped_storage()
+        found = [
+            (took, code)
+            for address, size, advice, took, code in self.calls
+            if (address, size, advice)
+            == (storage.data_ptr(), storage.nbytes(), huge_pages.MADV_COLLAPSE)
+        ]
+        assert len(found) == 1, f"MADV_COLLAPSE over the storage: {found}"
+        return found[0]
+
+
+def assert_collapsed(tensor, took, code):
+    """`tensor`'s whole huge pages are huge, or the kernel said it lacked them."""
+    whole = huge_pages._whole_pages(
+        tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+    )[1]
+    if took:
+        assert huge_bytes(tensor) >= whole > 0
+    else:
+        assert code in REFUSALS, f"MADV_COLLAPSE failed: {errno.errorcode[code]}"
+
+
 @pytest.fixture
 def thp_required():
     if not LINUX_THP:
@@ -55,12 +121,15 @@ def test_empty_starts_on_a_huge_page_and_faults_in_huge_pages(thp_required):
     # it, so its huge pages are the tensor's.
     assert tensor.untyped_storage().nbytes() == (24 << 20) + page
     assert huge_bytes(tensor) == 0  # nothing faulted in before it is written
+    counters = kernel_counters()
     tensor.fill_(1.5)
-    assert huge_bytes(tensor) >= 8 * page
+    assert huge_bytes(tensor) >= 8 * page or fell_back(counters)
     assert float(tensor.sum()) == 1.5 * tensor.numel()
 
 
-def test_collapse_moves_a_tensor_into_huge_pages_keeping_its_values(thp_required):
+def test_collapse_moves_a_tensor_into_huge_pages_keeping_its_values(
+    thp_required, monkeypatch
+):
     import torch
 
     page = huge_pages.huge_page_size()
@@ -73,9 +142,14 @@ def test_collapse_moves_a_tensor_into_huge_pages_keeping_its_values(thp_required
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
         if "[madvise]" in file.read():
             assert huge_bytes(tensor) == 0
+    advice = Advice(monkeypatch)
     asked = huge_pages.collapse([tensor, tensor[1:]])  # one storage, once
-    assert asked >= 10 * page
-    assert huge_bytes(tensor) >= 10 * page
+    assert len(advice.calls) == 1
+    took, code = advice.collapse_of(tensor)
+    assert asked == (huge_pages._whole_pages(tensor.data_ptr(), 24 << 20)[1] * took)
+    if took:
+        assert asked >= 10 * page  # 11 whole pages, 12 if aligned
+    assert_collapsed(tensor, took, code)
     assert torch.equal(tensor, before)
     del tensor
 
@@ -120,7 +194,7 @@ def test_small_tensors_are_left_alone(monkeypatch):
     keras.config.backend() != "torch",
     reason="TorchDecoder is the torch backend's decode path; it runs only there",
 )
-def test_decoder_streams_its_weights_from_huge_pages(thp_required):
+def test_decoder_streams_its_weights_from_huge_pages(thp_required, monkeypatch):
     """The `[out, in]` copies and the tied head lie in huge pages; the
     logits are those of the layers (the decoder tests' bound)."""
     import torch
@@ -143,6 +217,7 @@ def test_decoder_streams_its_weights_from_huge_pages(thp_required):
         query_pre_attn_scalar=128,
     )
     token_ids = np.random.RandomState(2).randint(0, 4096, (1, 10)).astype("int32")
+    advice, counters = Advice(monkeypatch), kernel_counters()
     with torch.no_grad():
         state = torch_decode.start(
             causal_lm,
@@ -155,8 +230,9 @@ def test_decoder_streams_its_weights_from_huge_pages(thp_required):
     assert isinstance(copies, torch_matmul.Transposed)
     page = huge_pages.huge_page_size()
     # Every copy is a view of one arena: its huge pages hold them all.
-    assert huge_bytes(copies.table) >= 12 * page
-    assert huge_bytes(decoder.embeddings) >= 2 * page
+    assert huge_bytes(copies.table) >= 12 * page or fell_back(counters)
+    # The head (8 MiB, three whole huge pages or four): collapsed in place.
+    assert_collapsed(decoder.embeddings, *advice.collapse_of(decoder.embeddings))
     fast, full = fast_and_portable_logits(causal_lm, token_ids, 4)
     np.testing.assert_allclose(fast, full, rtol=0, atol=1e-4)
 
