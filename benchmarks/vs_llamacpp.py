@@ -2,7 +2,7 @@
 
 Usage: `python benchmarks/vs_llamacpp.py [--backends jax,tensorflow,torch]
 [--dtypes float32,bfloat16,int8] [--cases a,b] [--repeats 5]
-[--llama-types f32,f16,q8_0] [--flash off,on] [--threads N]`
+[--llama-types f32,f16,q8_0] [--flash off,on] [--threads N] [--torch-jit]`
 
 One set of random weights, the mid config of `benchmarks/generate.py`
 (vocabulary 32000, 8 layers, hidden 512, 8/4 heads, head_dim 64,
@@ -33,6 +33,12 @@ on torch, float32, case (a): 22 s with 2 threads, 3.1 s with
 `OMP_NUM_THREADS=1`). The header prints the load average at the start;
 `--threads` sets llama.cpp's, `OMP_NUM_THREADS` torch's; on a busy machine
 set both to 1, and compare only ratios.
+
+`--torch-jit` adds, on torch, `ours jit`: the same model compiled with
+`compile(jit_compile=True)` (`TorchDecoder`'s step through `torch.compile`,
+FBGEMM's packs kept as opaque calls), timed after its warm-up call, which
+compiles (its time is the `first call` column), as jax's and TensorFlow's
+XLA programs are.
 
 Without llama-cpp-python (`pip install keras-gemma2[llamacpp]`) the script
 says so and times ours alone. A short run: `--backends jax --dtypes float32
@@ -117,12 +123,18 @@ def llama_runner(path, flash, n_ctx, threads):
     return run
 
 
-def child(directory, dtype, cases, repeats, llama_types, flash_modes, threads):
+def child(directory, dtype, cases, repeats, llama_types, flash_modes, threads, jit):
     """Ours in one backend and dtype, and its llama.cpp peers; JSON lines out."""
     import keras
 
+    from keras_gemma2 import Gemma2CausalLM
+
     backend = keras.config.backend()
     ours = load_ours(directory, dtype)
+    compiled = None
+    if jit and backend == "torch":
+        compiled = Gemma2CausalLM(ours.backbone)
+        compiled.compile(sampler="greedy", jit_compile=True)
     peers = {}
     peer_type = PEER_TYPES[dtype]
     if peer_type in llama_types:
@@ -136,6 +148,10 @@ def child(directory, dtype, cases, repeats, llama_types, flash_modes, threads):
         inputs = inputs_for(prompt, new)
         prompt_ids = [int(i) for i in inputs["token_ids"][0, :prompt]]
         functions = {"ours": lambda x=inputs: ours.generate(x, stop_token_ids=None)}
+        if compiled is not None:
+            functions["ours jit"] = lambda x=inputs: compiled.generate(
+                x, stop_token_ids=None
+            )
         for name, run in peers.items():
             functions[name] = lambda r=run, p=prompt_ids, n=new: r(p, n)
         medians, first_calls = interleaved_medians(functions, repeats)
@@ -174,7 +190,7 @@ def run_children(directory, args, llama_types, flash_modes):
                 ",".join("on" if f else "off" for f in flash_modes),
                 "--threads",
                 str(args.threads),
-            ]
+            ] + (["--torch-jit"] if args.torch_jit else [])
             process = subprocess.run(command, capture_output=True, text=True, env=env)
             lines = [line for line in process.stdout.splitlines() if line[:1] == "{"]
             if process.returncode != 0:
@@ -199,16 +215,17 @@ def print_table(rows, args, llama_version, load_average):
         "| llama.cpp s | llama.cpp tok/s | ours/llama.cpp | ours first call s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for ours in (row for row in rows if row["model"] == "ours"):
+    for ours in (row for row in rows if row["model"].startswith("ours")):
         key = (ours["case"], ours["backend"], ours["dtype"])
         peers = [
             row
             for row in rows
-            if row["model"] != "ours"
+            if not row["model"].startswith("ours")
             and (row["case"], row["backend"], row["dtype"]) == key
         ]
+        backend = ours["backend"] + (" jit" if ours["model"] == "ours jit" else "")
         head = (
-            f"| {ours['case']} | {ours['backend']} | {ours['dtype']} | "
+            f"| {ours['case']} | {backend} | {ours['dtype']} | "
             f"{ours['seconds']:.2f} | {ours['tokens_per_s']:.1f} |"
         )
         tail = f" {ours['first_call_s']:.1f} |"
@@ -242,6 +259,7 @@ def main():
     parser.add_argument("--llama-types", default="f32,f16,q8_0")
     parser.add_argument("--flash", default="off,on")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--torch-jit", action="store_true")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     parse_list(args.backends, {"jax", "tensorflow", "torch"}, "backends")
@@ -267,6 +285,7 @@ def main():
             llama_types,
             flash_modes,
             args.threads,
+            args.torch_jit,
         )
         return
 

@@ -64,11 +64,13 @@ class HalfRowProduct(torch_matmul.SideBySide):
     `[M, sum of outs]`, in bfloat16 (see the module docstring).
     """
 
-    __slots__ = ("pack", "sizes")
+    __slots__ = ("pack", "sizes", "width", "slot")
 
     def __init__(self, pack, sizes):
         self.pack = pack
         self.sizes = sizes
+        self.width = sum(sizes)
+        self.slot = None  # its pack's number in a compiled step (`number_packs`)
 
     @staticmethod
     def takes(x):
@@ -79,9 +81,10 @@ class HalfRowProduct(torch_matmul.SideBySide):
 
     def __call__(self, x):
         """`[M, sum of outs]`: `x [M, in]`'s products, side by side."""
-        torch = _torch()
-        product = torch_matmul.quantized_op("linear_dynamic_fp16")
-        return product(x.float(), self.pack).to(torch.bfloat16)
+        product = torch_matmul.fbgemm_product(
+            torch_matmul.HALF, x.float(), self.pack, self.slot, self.width
+        )
+        return product.to(_torch().bfloat16)
 
 
 def _packable(rows, source):

@@ -98,6 +98,7 @@ class Int8Matrix:
         self.codes = codes
         self.source = source  # the variable's tensor, for the packs' cache
         self.fbgemm = None  # FBGEMM's packed codes (`packed_products`), or None
+        self.slot = None  # that pack's number in a compiled step (`number_packs`)
         self.scale = scale
         self.quantizer = quantizer
         self.dtype = dtype
@@ -284,13 +285,25 @@ class RowProduct(torch_matmul.SideBySide):
     same division by `scale * matrix.scale` per element.
     """
 
-    __slots__ = ("pack", "scale", "sizes", "low", "high", "epsilon", "dtype")
+    __slots__ = (
+        "pack",
+        "scale",
+        "sizes",
+        "width",
+        "slot",
+        "low",
+        "high",
+        "epsilon",
+        "dtype",
+    )
 
     def __init__(self, pack, matrices):
         torch = _torch()
         self.pack = pack
         self.scale = torch.cat([m.scale for m in matrices])
         self.sizes = [m.codes.shape[1] for m in matrices]
+        self.width = sum(self.sizes)
+        self.slot = None  # its pack's number in a compiled step (`number_packs`)
         self.low, self.high = matrices[0].quantizer.value_range
         self.epsilon = matrices[0].quantizer.epsilon
         self.dtype = matrices[0].dtype
@@ -306,16 +319,12 @@ class RowProduct(torch_matmul.SideBySide):
         codes, scale = _rounded(x, self.low, self.high, self.epsilon)
         if codes.dtype != torch.float32:
             codes = codes.float()
-        sums = _fbgemm_product(codes, 1.0, 128, self.pack)
+        sums = torch_matmul.fbgemm_product(
+            torch_matmul.INT8, codes, self.pack, self.slot, self.width
+        )
         if self.dtype != torch.float32:
             sums = sums.to(self.dtype)
         return sums.div_(scale * self.scale)
-
-
-def _fbgemm_product(rows, scale, zero_point, pack):
-    """FBGEMM's float32 `rows @ pack.T`, `rows` rounded to uint8 codes."""
-    op = torch_matmul.quantized_op("linear_with_input_q_dq_qweight_dq_output_fp32")
-    return op(rows, scale, zero_point, pack)
 
 
 def exact_product(codes, matrix):
@@ -328,8 +337,13 @@ def exact_product(codes, matrix):
     """
     torch = _torch()
     if matrix.fbgemm is not None and codes.shape[0] <= PACKED_ROWS:
-        # Codes shifted by the zero point 128 into FBGEMM's uint8, scale 1.
-        return _fbgemm_product(codes.to(torch.float32), 1.0, 128, matrix.fbgemm)
+        return torch_matmul.fbgemm_product(
+            torch_matmul.INT8,
+            codes.to(torch.float32),
+            matrix.fbgemm,
+            matrix.slot,
+            matrix.codes.shape[1],
+        )
     return int_mm(codes.to(torch.int8), matrix.codes)
 
 

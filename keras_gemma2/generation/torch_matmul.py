@@ -51,8 +51,10 @@ kernels, and are made only while the model's copies total at most
 made again when a variable changes (`assign`, a training step).
 """
 
+import contextlib
 import functools
 import math
+import threading
 import weakref
 
 from keras_gemma2.generation import huge_pages
@@ -347,6 +349,92 @@ def quantized_op(name):
     calling the op's packet checks every call's arguments for script
     objects (about 2 us)."""
     return getattr(_torch().ops.quantized, name).default
+
+
+# FBGEMM's packs inside a compiled step (`TorchDecoder`, `jit_compile=True`).
+# A pack is a TorchScript object, which `torch.compile` cannot pass to an op:
+# the graph broke at each of the mid config's 19 packed products. The step
+# reaches a pack through this package's own op instead,
+# `keras_gemma2::fbgemm_product(rows, slot, kind, width)`: `slot` numbers
+# the packs its decoder lends for the call (`lent`), so one program serves
+# every decoder of the model's shapes, and inductor calls the op as an
+# opaque kernel. The kinds: float16 packs (`torch_half`), int8 packs with
+# Keras' codes (`torch_int8`).
+HALF, INT8 = 0, 1
+_LENT = threading.local()
+
+
+def _fbgemm_direct(kind, rows, pack):
+    if kind == HALF:
+        return quantized_op("linear_dynamic_fp16")(rows, pack)
+    # Codes shifted by the zero point 128 into FBGEMM's uint8, scale 1.
+    op = quantized_op("linear_with_input_q_dq_qweight_dq_output_fp32")
+    return op(rows, 1.0, 128, pack)
+
+
+@functools.cache
+def register_fbgemm_op():
+    """Define `keras_gemma2::fbgemm_product` in torch, once per process.
+
+    Called before anything compiles (`TorchDecoder.__init__`), never while
+    tracing. Returns the library, which must stay alive with the op.
+    """
+    torch = _torch()
+    library = torch.library.Library("keras_gemma2", "DEF")
+    library.define(
+        "fbgemm_product(Tensor rows, int slot, int kind, int width) -> Tensor"
+    )
+
+    def lent_product(rows, slot, kind, width):
+        return _fbgemm_direct(kind, rows, _LENT.packs[slot])
+
+    def shape_only(rows, slot, kind, width):
+        return rows.new_empty((rows.shape[0], width), dtype=torch.float32)
+
+    library.impl("fbgemm_product", lent_product, "CPU")
+    torch.library.register_fake("keras_gemma2::fbgemm_product", shape_only, lib=library)
+    return library
+
+
+def fbgemm_product(kind, rows, pack, slot=None, width=None):
+    """FBGEMM's float32 `rows [M, in] @ pack.T`, `[M, width]`.
+
+    `rows` float32: rounded to float16 for a `HALF` pack, to uint8 codes
+    (`x + 128`) for an `INT8` one. Eagerly, the pack's op; while
+    `torch.compile` traces a step and the pack has a `slot` among those
+    lent (`lent`), `keras_gemma2::fbgemm_product`, which calls the same.
+    """
+    torch = _torch()
+    if slot is not None and torch.compiler.is_compiling():
+        return torch.ops.keras_gemma2.fbgemm_product(rows, slot, kind, width)
+    return _fbgemm_direct(kind, rows, pack)
+
+
+def number_packs(holders):
+    """Give each `(holder, pack)` with a pack its `holder.slot`; the packs.
+
+    The packs, in slot order, are what the decoder lends (`lent`) while its
+    compiled step runs. Registers the op first (`register_fbgemm_op`).
+    """
+    packs = []
+    for holder, pack in holders:
+        if pack is not None:
+            holder.slot = len(packs)
+            packs.append(pack)
+    if packs:
+        register_fbgemm_op()
+    return packs
+
+
+@contextlib.contextmanager
+def lent(packs):
+    """While open, `keras_gemma2::fbgemm_product` in this thread multiplies
+    by `packs[slot]` (see `number_packs`)."""
+    _LENT.packs = packs
+    try:
+        yield
+    finally:
+        _LENT.packs = ()
 
 
 class RowProduct(SideBySide):

@@ -218,8 +218,9 @@ def test_bucketed_step_equals_the_layers_at_every_position_past_the_window():
 
 @pytest.mark.parametrize("size", ["tiny", "wide"])
 def test_jit_compile_decodes_as_eager_and_compiles_once_per_shape(size):
-    """Wide: kernels `torch_matmul` slices and copies when eager; compiled,
-    its per-weight caches must not break the graph (one graph per weight)."""
+    """Wide: kernels `torch_matmul` slices and copies; compiled, the step
+    multiplies the same copies, and its per-weight caches must not break
+    the graph (one graph per weight)."""
     from torch._dynamo.utils import counters
 
     causal_lm = make_causal_lm() if size == "tiny" else make_configured(**WIDE)
@@ -265,8 +266,8 @@ def _compiled_logits_equal_eager(causal_lm, token_ids, prompt_length=3):
             ops.convert_to_tensor(mask),
             prompt_length,
         )
-        # Compiled, no kernel is copied: inductor multiplies the kernels.
-        assert not isinstance(decoder.layers[0].gate, torch_matmul.Transposed)
+        # Compiled, the eager products: the `[out, in]` copies.
+        assert isinstance(decoder.layers[0].gate, torch_matmul.Transposed)
         for p in range(prompt_length - 1, token_ids.shape[1] - 1):
             token = ops.convert_to_tensor(token_ids[:, p])
             position = torch.tensor(p)
