@@ -136,15 +136,20 @@ _COMPILE_FAILURES = []
 
 
 @functools.cache
-def _compiled_append():
+def _compiled_append(device_type="cpu"):
     """`TorchDecoder.append` through `torch.compile`, one program per shape.
 
     The decoder's tensors are inputs of the program, not constants: a new
-    decoder (the next `generate` call) with the same shapes reuses it.
+    decoder (the next `generate` call) with the same shapes reuses it. On
+    CPU, inductor writes the program's wrapper in C++ (`cpp_wrapper`), not
+    Python: mid config, same decoder, the two alternating over 9 rounds of
+    30 tokens, int8 3.20 -> 3.02 ms, bfloat16 4.46 -> 4.28, float32 6.69
+    -> 6.54; its first compilation takes up to 10 s longer.
     """
     import torch
 
-    return torch.compile(TorchDecoder.append, dynamic=False)
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(TorchDecoder.append, dynamic=False, options=options)
 
 
 def start(causal_lm, token_ids, padding_mask, prefill_length):
@@ -762,8 +767,9 @@ class TorchDecoder:
 
         if not _COMPILE_FAILURES:
             try:
+                compiled = _compiled_append(token.device.type)
                 with torch_matmul.lent(self.packs):
-                    return _compiled_append()(self, token, position, global_span)
+                    return compiled(self, token, position, global_span)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 _COMPILE_FAILURES.append(error)
                 warnings.warn(

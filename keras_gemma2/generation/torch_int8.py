@@ -65,9 +65,11 @@ def quantize_rows(x, quantizer):
 def _rounded(x, low, high, epsilon):
     """`quantize_rows` with the codes left in `x`'s dtype (whole numbers)."""
     torch = _torch()
-    # max |x| in one call (`abs` then `amax` in two); then, in place on
-    # this call's own tensors, the same roundings as out of place.
-    peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+    # max |x| as `abs` then `amax`: `vector_norm(x, inf)` gives the same
+    # in one call but runs 1.3x (one row) to 10x (32 rows of 512) slower.
+    # Then, in place on this call's own tensors, the same roundings as out
+    # of place.
+    peak = x.abs().amax(dim=-1, keepdim=True)
     # `torch.divide`, not `high / tensor`: torch computes the latter as
     # `reciprocal * high`, rounding twice in bfloat16.
     scale = torch.divide(high, peak.add_(epsilon))

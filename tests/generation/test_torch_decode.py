@@ -285,7 +285,7 @@ def test_jit_compile_falls_back_to_eager_when_torch_compile_fails(monkeypatch):
             "inductor", RuntimeError("no working C++ compiler"), None
         )
 
-    monkeypatch.setattr(torch_decode, "_compiled_append", lambda: no_compiler)
+    monkeypatch.setattr(torch_decode, "_compiled_append", lambda device: no_compiler)
     monkeypatch.setattr(torch_decode, "_COMPILE_FAILURES", [])
     causal_lm = make_causal_lm()
     token_ids = np.zeros((1, 10), "int32")
