@@ -25,7 +25,8 @@ weights, rounded to bfloat16 once, as the layers' product is, up to the
 order of the sums and those tiny weights.
 
 `tests/generation/test_half_decode.py` holds the products to float64 and
-the decoder's logits to the layers'.
+the decoder's logits to the layers'. In a compiled step (`jit_compile=True`)
+the same packs are reached through `torch_matmul.fbgemm_product`.
 """
 
 import functools

@@ -28,6 +28,8 @@ Measured (mid config, one decode token, same process, alternating):
 8.2-8.7 ms on `torch._int_mm`, 5.2-5.6 ms on FBGEMM's packs (float32 6.0).
 
 A QLoRA adapter (`keras_gemma2.training.lora`) adds its low-rank product.
+In a compiled step (`jit_compile=True`) the same packs are reached through
+`torch_matmul.fbgemm_product`.
 """
 
 import functools
