@@ -136,7 +136,7 @@ _COMPILE_FAILURES = []
 
 
 @functools.cache
-def _compiled_append(device_type="cpu"):
+def _compiled_append(device_type):
     """`TorchDecoder.append` through `torch.compile`, one program per shape.
 
     The decoder's tensors are inputs of the program, not constants: a new
@@ -396,7 +396,8 @@ class TorchDecoder:
 
         sourced = self._sourced(backbone)
         groups = [[matrix for matrix, _ in group] for group in sourced]
-        packed = torch_int8.packed_products(groups + [[self.embeddings]])
+        with_head = groups + [[self.embeddings]]
+        packed = torch_int8.packed_products(with_head)
         # `[out, in]` rows: the kernels' transposes, the head's table.
         rows = [
             [(m.T if s is not None else m, s) for m, s in group] for group in sourced
@@ -414,7 +415,7 @@ class TorchDecoder:
         # What the packs stand in for (`_streamed` leaves it in place).
         self._on_packs = {
             id(matrix)
-            for index, group in enumerate(groups + [[self.embeddings]])
+            for index, group in enumerate(with_head)
             for matrix in group
             if packed[index]
             or half[index]
@@ -430,7 +431,7 @@ class TorchDecoder:
                 [(p, getattr(p, "pack", None)) for p in products + [self.head_rows]]
                 + [
                     (matrix, matrix.fbgemm)
-                    for group in groups + [[self.embeddings]]
+                    for group in with_head
                     for matrix in group
                     if isinstance(matrix, Int8Matrix)
                 ]

@@ -404,9 +404,8 @@ def fbgemm_product(kind, rows, pack, slot=None, width=None):
     `torch.compile` traces a step and the pack has a `slot` among those
     lent (`lent`), `keras_gemma2::fbgemm_product`, which calls the same.
     """
-    torch = _torch()
-    if slot is not None and torch.compiler.is_compiling():
-        return torch.ops.keras_gemma2.fbgemm_product(rows, slot, kind, width)
+    if slot is not None and _torch().compiler.is_compiling():
+        return _torch().ops.keras_gemma2.fbgemm_product(rows, slot, kind, width)
     return _fbgemm_direct(kind, rows, pack)
 
 

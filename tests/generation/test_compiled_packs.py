@@ -10,11 +10,14 @@ counted each time the compiled program calls it.
 
 import numpy as np
 import pytest
-from keras import ops
 
 from keras_gemma2.generation import torch_decode, torch_half, torch_int8, torch_matmul
-from tests.generation.test_generate import make_causal_lm
-from tests.generation.test_torch_decode import TORCH_ONLY, make_configured
+from tests.generation.test_int8_decode import _quantized
+from tests.generation.test_torch_decode import (
+    TORCH_ONLY,
+    float32_twin,
+    make_configured,
+)
 
 pytestmark = TORCH_ONLY
 
@@ -24,15 +27,7 @@ PROMPT, STEPS = 3, 4
 def _model(kind):
     if kind == "bfloat16":
         return make_configured("bfloat16")
-    causal_lm = make_causal_lm()
-    causal_lm.quantize("int8")
-    if kind == "qlora":
-        causal_lm.backbone.enable_lora(2, target_names="all")
-        rng = np.random.RandomState(1)
-        for variable in causal_lm.backbone.trainable_variables:
-            if "lora" in variable.path:
-                variable.assign(rng.normal(0.0, 0.3, variable.shape))
-    return causal_lm
+    return _quantized("float32", qlora=kind == "qlora")
 
 
 def _start(causal_lm, token_ids):
@@ -79,10 +74,7 @@ def test_compiled_step_multiplies_on_the_lent_packs(kind, monkeypatch):
     assert not eager.packs  # eager decoders call the packs directly
     exact = None
     if kind == "bfloat16":  # the same weights in float32: bfloat16's noise
-        twin = make_configured("float32")
-        for a, b in zip(twin.weights, causal_lm.weights, strict=True):
-            a.assign(ops.cast(b, "float32"))
-        exact = _start(twin, token_ids)
+        exact = _start(float32_twin(causal_lm), token_ids)
     causal_lm.compile(sampler="greedy", jit_compile=True)
     compiled = _start(causal_lm, token_ids)
     holders = _holders(compiled)

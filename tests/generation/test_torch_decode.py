@@ -364,6 +364,15 @@ def cached_pack(kind, variable):
     return torch_matmul._PACKS[(kind, id(ops.convert_to_tensor(variable)))]
 
 
+def float32_twin(causal_lm):
+    """A float32 model of `make_configured`'s config with `causal_lm`'s
+    weights (the reference for bfloat16's rounding)."""
+    twin = make_configured("float32")
+    for a, b in zip(twin.weights, causal_lm.weights, strict=True):
+        a.assign(ops.cast(b, "float32"))
+    return twin
+
+
 def make_configured(dtype="float32", **overrides):
     config = {**TINY_BACKBONE_CONFIG, **overrides}
     backbone = Gemma2Backbone(**config, dtype=dtype)
@@ -394,9 +403,7 @@ def test_bfloat16_equals_the_layers_in_bfloat16():
     causal_lm = make_configured("bfloat16")
     fast, full = fast_and_portable_logits(causal_lm, token_ids, 4, raw_prefill=True)
     fast, full = fast.astype("float32"), full.astype("float32")
-    float32_lm = make_configured("float32")
-    for a, b in zip(float32_lm.weights, causal_lm.weights, strict=True):
-        a.assign(ops.cast(b, "float32"))
+    float32_lm = float32_twin(causal_lm)
     _, exact = fast_and_portable_logits(float32_lm, token_ids, 4)
     noise = np.abs(full - exact).max()
     assert noise > 0  # bf16 did round
