@@ -137,7 +137,7 @@ _COMPILE_FAILURES = []
 
 @functools.cache
 def _compiled_append(device_type):
-    """`TorchDecoder.append` through `torch.compile`, one program per shape.
+    """`TorchDecoder.program` through `torch.compile`, one per shape.
 
     The decoder's tensors are inputs of the program, not constants: a new
     decoder (the next `generate` call) with the same shapes reuses it. On
@@ -149,7 +149,7 @@ def _compiled_append(device_type):
     import torch
 
     options = {"cpp_wrapper": True} if device_type == "cpu" else None
-    return torch.compile(TorchDecoder.append, dynamic=False, options=options)
+    return torch.compile(TorchDecoder.program, dynamic=False, options=options)
 
 
 def start(causal_lm, token_ids, padding_mask, prefill_length):
@@ -214,16 +214,34 @@ def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_i
     `decode.choose_token`. `tests/generation/test_torch_decode.py` holds
     both to the same tokens, prompts and `done`.
     """
-    import torch
 
     if not _greedy(sampler):
         return decode.choose_token(
             sampler, logits, prompt, prompt_mask, index, done, stop_token_ids
         )
-    # Not `argmax(logits)`: the softmax may round near-equal logits to one
-    # probability, and the sampler then picks the first of them.
-    probabilities = torch.softmax(logits.float() / sampler.temperature, dim=-1)
-    token = probabilities.argmax(dim=-1).to(prompt.dtype)
+    token = greedy_token(logits, sampler.temperature)
+    return place_token(token, prompt, prompt_mask, index, done, stop_token_ids)
+
+
+def greedy_token(logits, temperature):
+    """A greedy sampler's pick from `logits [B, vocabulary]`: int64 `[B]`.
+
+    Not `argmax(logits)`: the softmax may round near-equal logits to one
+    probability, and the sampler then picks the first of them.
+    """
+    import torch
+
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    return probabilities.argmax(dim=-1)
+
+
+def place_token(token, prompt, prompt_mask, index, done, stop_token_ids):
+    """`choose_token`'s result for a sampled `token [B]`: the prompt's own
+    token where `prompt_mask` forces one, written into `prompt` at `index`;
+    rows that sampled a stop token are `done`."""
+    import torch
+
+    token = token.to(prompt.dtype)
     forced = prompt_mask[:, index]
     token = torch.where(forced, prompt[:, index], token)
     prompt[:, index] = token
@@ -564,6 +582,13 @@ class TorchDecoder:
             # `bmm` is fast (int8 model: 3.79 against 4.03 ms).
             reduced = query.dtype != torch.float32 and torch.compiler.is_compiling()
             if reduced:
+                # A view of itself (free eagerly), which inductor writes out
+                # once (`as_strided` is among the ops it gives realized
+                # inputs): else it computes the rotated query again inside
+                # the sum, for every key (its `cos` and `roll` included):
+                # mid config, a token's work besides the products 0.63 ->
+                # 0.37 ms, same process, alternating.
+                query = query.as_strided(query.shape, query.stride())
                 logits = (query[:, :, :, None, :] * keys[:, :, None]).sum(-1)
             else:
                 logits = torch.bmm(
@@ -731,9 +756,10 @@ class TorchDecoder:
             position: an int, or (with `global_span`) an int 0-d tensor.
             global_span: `None` to read exactly the written slots (eager);
                 otherwise a static int `> position`: global layers read that
-                many slots and rings all their slots, masking the unwritten
-                ones, so the shapes stay fixed from one position to the next
-                (what `torch.compile` needs to compile once per bucket).
+                many slots and rings as many (at most all of theirs),
+                masking the unwritten ones, so the shapes stay fixed from one
+                position to the next (what `torch.compile` needs to compile
+                once per bucket).
         """
         import torch
 
@@ -748,8 +774,13 @@ class TorchDecoder:
             spans = (min(position + 1, self.ring), position + 1)
             valid = (None, None)
         else:
-            spans = (self.ring, global_span)
-            slots = torch.arange(self.ring, device=x.device)
+            # Until it wraps, a ring holds positions `0 .. position` in
+            # slots of the same numbers, all below `global_span`: the slots
+            # past it would only be masked (case (a) of `vs_llamacpp.py`, a
+            # ring of 256, spans of 64 or 96).
+            ring_span = min(self.ring, global_span)
+            spans = (ring_span, global_span)
+            slots = torch.arange(ring_span, device=x.device)
             valid = (
                 ring_positions(position, slots, self.ring) >= 0,
                 torch.arange(global_span, device=x.device) <= position,
@@ -774,15 +805,24 @@ class TorchDecoder:
             x = self._block_output(layer, x, attended.view(batch, -1))
         return self._logits(x)
 
-    def _compiled(self, token, position, global_span):
-        """`append` through the compiled program; eager if it cannot compile."""
+    def program(self, token, position, global_span, temperature=None):
+        """What the compiled step computes: `append`'s logits, or, given a
+        greedy sampler's `temperature`, its pick from them (`greedy_token`,
+        in the same program: 64 µs a token eagerly, mid config)."""
+        logits = self.append(token, position, global_span)
+        if temperature is None:
+            return logits
+        return greedy_token(logits, temperature)
+
+    def _compiled(self, token, position, global_span, temperature=None):
+        """`program` compiled; eager if it cannot compile."""
         import torch
 
         if not _COMPILE_FAILURES:
             try:
                 compiled = _compiled_append(token.device.type)
                 with torch_matmul.lent(self.packs):
-                    return compiled(self, token, position, global_span)
+                    return compiled(self, token, position, global_span, temperature)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 _COMPILE_FAILURES.append(error)
                 warnings.warn(
@@ -790,29 +830,32 @@ class TorchDecoder:
                     f"decode step ({error}); decoding eagerly instead.",
                     stacklevel=2,
                 )
-        return self.append(token, position, global_span)
+        return self.program(token, position, global_span, temperature)
 
     def step(self, prompt, prompt_mask, index, done, stop_token_ids, global_span=None):
         """As `decode.decode_step` for an int `index`: `(prompt, done, token)`.
 
         With `global_span` (a static int `>= index`), the logits come from the
-        compiled, bucketed program (see `compiles`).
+        compiled, bucketed program (see `compiles`), and so does a greedy
+        sampler's pick.
         """
         import torch
 
+        sampler = self.causal_lm.sampler
         with torch.inference_mode():
             token = prompt[:, index - 1]
             if global_span is None:
                 logits = self.append(token, index - 1)
             else:
                 position = torch.tensor(index - 1, device=token.device)
+                if _greedy(sampler):
+                    token = self._compiled(
+                        token, position, global_span, sampler.temperature
+                    )
+                    return place_token(
+                        token, prompt, prompt_mask, index, done, stop_token_ids
+                    )
                 logits = self._compiled(token, position, global_span)
             return choose_token(
-                self.causal_lm.sampler,
-                logits,
-                prompt,
-                prompt_mask,
-                index,
-                done,
-                stop_token_ids,
+                sampler, logits, prompt, prompt_mask, index, done, stop_token_ids
             )

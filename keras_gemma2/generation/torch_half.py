@@ -29,22 +29,14 @@ the decoder's logits to the layers'. In a compiled step (`jit_compile=True`)
 the same packs are reached through `torch_matmul.fbgemm_product`.
 """
 
-import functools
-
 from keras_gemma2.generation import torch_matmul
+from keras_gemma2.layers.torch_ops import torch_module as _torch
 
 # At most this many rows take the packs; more rows make a matrix product
 # that torch's own bfloat16 kernels spread over the threads.
 MAX_ROWS = 8
 # The largest finite float16.
 FLOAT16_MAX = 65504.0
-
-
-@functools.cache
-def _torch():
-    import torch
-
-    return torch
 
 
 def _can_pack():

@@ -32,10 +32,10 @@ In a compiled step (`jit_compile=True`) the same packs are reached through
 `torch_matmul.fbgemm_product`.
 """
 
-import functools
 import warnings
 
 from keras_gemma2.generation import torch_matmul
+from keras_gemma2.layers.torch_ops import torch_module as _torch
 
 # Products of at most this many int8 rows go through FBGEMM's kernels on
 # the packs `packed_products` made (x86 CPUs). One row, one matrix again
@@ -44,13 +44,6 @@ from keras_gemma2.generation import torch_matmul
 # the two are level, at 32 `torch._int_mm` leads. In the decode step
 # (mid config, one token): 4.6 ms of `_int_mm` -> 2.2 ms.
 PACKED_ROWS = 8
-
-
-@functools.cache
-def _torch():
-    import torch
-
-    return torch
 
 
 def quantize_rows(x, quantizer):

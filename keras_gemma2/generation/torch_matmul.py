@@ -58,6 +58,7 @@ import threading
 import weakref
 
 from keras_gemma2.generation import huge_pages
+from keras_gemma2.layers.torch_ops import torch_module as _torch
 
 # Above this many rows, `x @ w` is a matrix product that runs on all
 # threads by itself.
@@ -89,13 +90,6 @@ _PACKS = {}
 # `(id(weight), at_least) -> (threads, slices)`, so a decode step does not redo the
 # weight's checks 57 times a token. An entry leaves with its weight.
 _SLICES = {}
-
-
-@functools.cache
-def _torch():
-    import torch
-
-    return torch
 
 
 def _few_float32_rows(x):

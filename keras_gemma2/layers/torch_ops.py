@@ -10,14 +10,21 @@ import functools
 import types
 
 
-@functools.cache
-def _torch():
+def torch_module():
+    """`torch`, imported on first use (this module loads on every backend).
+
+    Not `functools.cache`d: `torch.compile` traces the compiled decode step
+    through these helpers, and warns about every cache wrapper it meets;
+    an `import` of a loaded module costs about as little.
+    """
     import torch
 
     return torch
 
 
-@functools.cache
+_torch = torch_module
+
+
 def _dtype(dtype):
     """`torch.float32` for `"float32"` (or for `torch.float32`)."""
     torch = _torch()

@@ -95,6 +95,11 @@ def test_compiled_step_multiplies_on_the_lent_packs(kind, monkeypatch):
         return direct(kind, rows, pack)
 
     monkeypatch.setattr(torch_matmul, "_fbgemm_direct", counted)
+    # What Dynamo warns while tracing (each message once per process: traced
+    # afresh here). It warned about every `functools.cache` wrapper met.
+    warned = []
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once", warned.append)
+    torch._dynamo.reset()
     breaks = sum(counters["graph_break"].values())
     with torch.inference_mode():
         for position in range(PROMPT - 1, PROMPT + STEPS - 1):
@@ -105,6 +110,13 @@ def test_compiled_step_multiplies_on_the_lent_packs(kind, monkeypatch):
             # Each pack once per token, through the op (compiled, not eager).
             assert len(calls) == len(holders)
             assert {id(p) for p in calls} == {id(p) for p in compiled.packs}
+            # A greedy sampler's pick, in the same program: the argmax of
+            # these logits (a softmax keeps their order; ties aside, which
+            # random logits do not have).
+            calls.clear()
+            picked = compiled._compiled(token, at, token_ids.shape[1], 1.0).numpy()
+            assert len(calls) == len(holders)
+            np.testing.assert_array_equal(picked, got.argmax(-1))
             want = eager.append(token, at, token_ids.shape[1]).float().numpy()
             error = np.abs(got - want).max()
             print(f"MEASURED {kind} position {position}: max|d|={error:.2e}")
@@ -124,6 +136,7 @@ def test_compiled_step_multiplies_on_the_lent_packs(kind, monkeypatch):
                 np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     assert sum(counters["graph_break"].values()) == breaks
     assert torch_decode._COMPILE_FAILURES == []
+    assert warned == []
     # Lent only for the call: nothing holds the packs afterwards.
     assert torch_matmul._LENT.packs == ()
 

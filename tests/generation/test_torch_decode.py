@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
 from keras_gemma2.generation import torch_decode, torch_matmul
-from keras_gemma2.generation.decode import prefill
+from keras_gemma2.generation.decode import bucket_edges, prefill
 from keras_gemma2.generation.kv_cache import empty_cache
 from keras_gemma2.models import weight_table
 from tests.conftest import TINY_BACKBONE_CONFIG, randomize_weights
@@ -29,8 +29,11 @@ def fast_and_portable_logits(
 
     `prompt_length`: an int, or one per row (right-padded prompts; decoding
     starts after the shortest, teacher-forced).
-    `bucketed`: run the step as the compiled path does (tensor position,
-    global layers reading the whole `max_length` bucket, masked), eagerly.
+    `bucketed`: run the step as the compiled path does, eagerly: a tensor
+    position, and global layers reading the bucket of slots that
+    `bucket_edges` gives the position, masked (rings: as many slots, at
+    most all of theirs; the tiny ring of 5 is wider than the first bucket
+    of a 4-token prompt).
     `raw_prefill`: prefill with `torch_decode.start`, not the layers.
     """
     import torch
@@ -56,10 +59,12 @@ def fast_and_portable_logits(
         assert int(state[2]) == prompt_length
         assert decoder.caches is state[1]
         fast = []
+        edges = bucket_edges(int(lengths.max()), token_ids.shape[1])
         for p in range(prompt_length - 1, token_ids.shape[1]):
             token = ops.convert_to_tensor(token_ids[:, p])
             if bucketed:
-                logits = decoder.append(token, torch.tensor(p), token_ids.shape[1])
+                span = next(edge for edge in edges if edge > p)
+                logits = decoder.append(token, torch.tensor(p), span)
             else:
                 logits = decoder.append(token, p)
             fast.append(ops.convert_to_numpy(logits))
