@@ -14,12 +14,17 @@ tensor beyond our model), not loaded into a KerasHub model first.
 import json
 import os
 
+import keras
 import keras_hub
 
 from keras_gemma2.checkpoints import keras_h5_weights
 from keras_gemma2.checkpoints.finite_check import check_finite
 from keras_gemma2.checkpoints.hf_checkpoint import as_assignable, build_for_loading
-from keras_gemma2.checkpoints.unallocated import fill, forget_pending
+from keras_gemma2.checkpoints.unallocated import (
+    fill,
+    forget_pending,
+    pending_set_aside,
+)
 from keras_gemma2.models import weight_table
 from keras_gemma2.models.json_file import read_json
 
@@ -252,6 +257,27 @@ def keras_hub_weight_plan(backbone):
     return weight_table.checkpoint_plan(backbone, "keras_hub")
 
 
+def _probe_layout(config):
+    """`keras_h5_weights.probe_layout` of a KerasHub backbone like the preset's.
+
+    The probe is built apart from the backbone being loaded:
+    - with the loaded backbone's unallocated variables set aside
+      (`unallocated.pending_set_aside`): building a Keras model closes
+      `StatelessScope`s, and each would initialise them at random before
+      the load, outside any layout the load gives them;
+    - outside the caller's `keras.distribution`: a `ModelParallel` would
+      lay the probe's 2-wide kernels out on its mesh, where the model axis
+      does not divide them.
+    """
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        with pending_set_aside():
+            return keras_h5_weights.probe_layout(_layout_probe(config))
+    finally:
+        keras.distribution.set_distribution(current)
+
+
 def _layout_probe(config):
     """A float32 KerasHub `GemmaBackbone` with the preset's structure, tiny sizes."""
     return keras_hub.models.GemmaBackbone(
@@ -306,7 +332,7 @@ def _load_keras_hub_weights(backbone, directory, progress, check_finite_values):
     plan = keras_hub_weight_plan(backbone)
     sizes = weight_table.dimensions(backbone)
     tensors = keras_h5_weights.index_weights(directory)
-    layout = keras_h5_weights.probe_layout(_layout_probe(config))
+    layout = _probe_layout(config)
     planned = [path for path, *_ in plan]
     if sorted(layout) != sorted(planned):
         # KerasHub's GemmaBackbone no longer has the variables this module maps.

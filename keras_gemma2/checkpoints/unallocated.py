@@ -8,6 +8,8 @@ hold no value until assigned, but Keras also lists them as pending: the next
 initialized"). `forget_pending` takes loaded variables off that list.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras.src.backend.common import global_state
@@ -66,6 +68,23 @@ def fill(variable, value):
         variable._initializer = None
     else:
         variable.assign(value)
+
+
+@contextlib.contextmanager
+def pending_set_aside():
+    """While open, Keras' list of pending variables is empty.
+
+    A `StatelessScope` that closes inside (building a throwaway model)
+    initialises none of the variables a load is about to fill; those
+    created inside join the list as usual.
+    """
+    pending = pending_variables()
+    global_state.set_global_attribute(_PENDING, [])
+    try:
+        yield
+    finally:
+        added = pending_variables()
+        global_state.set_global_attribute(_PENDING, pending + added)
 
 
 def pending_variables():

@@ -237,6 +237,28 @@ def test_logits_equal_keras_hub(keras_hub_2b_style, tmp_path, sharded):
     assert np.abs(expected).max() > 0.5 * GEMMA2_SETTINGS["final_logit_soft_cap"]
 
 
+def test_load_fills_unallocated_variables(keras_hub_2b_style, tmp_path, monkeypatch):
+    """No weight is initialised at random before the load fills it: the
+    loader's KerasHub probe (a model built meanwhile) leaves the backbone's
+    pending variables alone."""
+    from keras_gemma2.checkpoints import keras_hub_preset
+
+    preset = str(tmp_path / "preset")
+    keras_hub_2b_style.save_to_preset(preset)
+    allocated = []
+    fill = keras_hub_preset.fill
+
+    def spy(variable, value):
+        if variable._value is not None:
+            allocated.append(variable.path)
+        fill(variable, value)
+
+    monkeypatch.setattr(keras_hub_preset, "fill", spy)
+    backbone = load_keras_hub_backbone(Gemma2Backbone, preset)
+    assert allocated == []
+    assert_weights_equal(backbone, keras_hub.models.GemmaBackbone.from_preset(preset))
+
+
 def test_reference_matches_keras_hub_on_2b_style(keras_hub_2b_style):
     # Where KerasHub applies the scaling its config asks for (head_dim), the
     # hand-mapped HF reference equals it: `hf_reference`'s mapping is right.

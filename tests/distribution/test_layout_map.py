@@ -223,6 +223,35 @@ def test_from_preset_under_model_parallel_loads_sharded_weights():
 
 
 @jax_only
+def test_keras_hub_preset_under_model_parallel_loads_sharded_weights(tmp_path):
+    """A KerasHub/Kaggle preset, loaded under `ModelParallel`: its weights
+    sharded as the layout map says, its logits those of the one-device
+    load. (The loader's throwaway KerasHub probe had initialised the
+    backbone's variables, unsharded, before the load filled them.)"""
+    from tests.checkpoints.test_keras_hub_preset import (
+        GEMMA2_SETTINGS,
+        keras_hub_causal_lm,
+        make_inputs,
+    )
+
+    preset = str(tmp_path / "preset")
+    keras_hub_causal_lm(seed=3, **GEMMA2_SETTINGS).save_to_preset(preset)
+    x = make_inputs()
+    expected = np.asarray(Gemma2CausalLM.from_preset(preset)(x))
+    with _model_parallel((2, 4)).scope():
+        causal_lm = Gemma2CausalLM.from_preset(preset)
+        got = np.asarray(causal_lm(x))
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    query = causal_lm.backbone.get_layer("decoder_block_0").attention.query_dense
+    hidden, heads = GEMMA2_SETTINGS["hidden_dim"], GEMMA2_SETTINGS["num_query_heads"]
+    assert query.kernel.value.sharding.shard_shape(query.kernel.shape) == (
+        hidden // 2,
+        heads // 4,
+        GEMMA2_SETTINGS["head_dim"],
+    )
+
+
+@jax_only
 def test_bad_meshes_and_foreign_layout_maps_are_refused():
     mesh = keras.distribution.DeviceMesh(
         (2, 4), ["data", "tensor"], keras.distribution.list_devices()
