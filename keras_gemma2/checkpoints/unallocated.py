@@ -61,10 +61,12 @@ def fill(variable, value):
     """Give `variable` its value: the first one if unallocated, else assign.
 
     An unallocated variable is initialised straight from `value` (one copy
-    into the backend), never holding random weights first.
+    into the backend), never holding random weights first. As a backend
+    tensor: JAX's `_initialize` keeps what it is given, and a numpy value
+    would be copied into every jitted call that reads the variable.
     """
     if variable._value is None:
-        variable._initialize(value)
+        variable._initialize(variable._convert_to_tensor(value, dtype=variable.dtype))
         variable._initializer = None
     else:
         variable.assign(value)
