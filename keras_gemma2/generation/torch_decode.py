@@ -214,7 +214,6 @@ def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_i
     `decode.choose_token`. `tests/generation/test_torch_decode.py` holds
     both to the same tokens, prompts and `done`.
     """
-
     if not _greedy(sampler):
         return decode.choose_token(
             sampler, logits, prompt, prompt_mask, index, done, stop_token_ids
