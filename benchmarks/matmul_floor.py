@@ -7,17 +7,21 @@ Decoding one token of the mid config of `benchmarks/generate.py`
 (vocabulary 32000, 8 layers, hidden 512, 8/4 heads, head_dim 64,
 intermediate 2048) reads every weight once: per layer the query, key,
 value, output, gate, up and down matrices, then the tied embedding as the
-head. This script times only those 57 products of one row, each backend
-with its own kernels and nothing else of the model (no attention, norms,
+head. This script times only those 57 products of one row (41 on jax and
+tensorflow in float, below), each backend with its own kernels and
+nothing else of the model (no attention, norms,
 sampling or dispatch of Keras layers), in the layouts our decoders use:
 layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
 `[vocabulary, hidden]` table.
 
-- jax: the 57 products of 20 tokens in one `jax.jit` program, a loop
+- jax: one token's products, 20 tokens in one `jax.jit` program, a loop
   whose every token's rows depend on all products of the one before (as
   our compiled decode loop runs them: no per-op or per-token dispatch).
   Within a token the products run in the model's order, each group after
   the one before (`in_sequence`), never two independent ones at once.
+- jax and tensorflow in float32 and bfloat16: each layer's query, key and
+  value as one `[512, 1024]` matrix, as our decode loop carries them
+  (`keras_gemma2.layers.loop_matrices`): 41 products a token.
 - tensorflow: the same loop in one `tf.function(jit_compile=True)`
   program. On both, the weights are arguments of the program, as the
   model's variables are (captured as constants, TensorFlow's XLA folded
@@ -96,6 +100,8 @@ SHAPES = [
 # and up): a decoder may run those together, but each group only after the
 # group before it (see `in_sequence`).
 GROUPS = [0, 0, 0, 1, 2, 2, 3]
+# The same with query, key and value as one matrix (`fused_qkv`).
+FUSED_GROUPS = [0, 1, 2, 2, 3]
 # `in_sequence`'s key of the head: its input is the last hidden-size row.
 HEAD = "head"
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
@@ -120,6 +126,22 @@ def weights(numpy_dtype):
     ]
     embedding = generator.standard_normal((VOCABULARY, HIDDEN), dtype="float32")
     return kernels, (embedding * 0.02).astype(numpy_dtype)
+
+
+def fused_qkv(kernels):
+    """`weights()`' layer kernels with each layer's first three as one.
+
+    The query, key and value kernels side by side (`[512, 1024]`), as the
+    XLA decode loop carries them; `FUSED_GROUPS` orders the result.
+    """
+    import numpy as np
+
+    fused = []
+    for layer in range(LAYERS):
+        own = kernels[layer * len(SHAPES) : (layer + 1) * len(SHAPES)]
+        fused.append(np.concatenate(own[:3], axis=1))
+        fused.extend(own[3:])
+    return fused
 
 
 def int8_weights():
@@ -180,7 +202,7 @@ def jax_products(dtype, rows_in=1):
         kernels, embedding = weights("float32")
         cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
         arguments = (
-            [jnp.asarray(k, cast) for k in kernels],
+            [jnp.asarray(k, cast) for k in fused_qkv(kernels)],
             jnp.asarray(embedding, cast),
         )
 
@@ -190,7 +212,7 @@ def jax_products(dtype, rows_in=1):
             # The decoder's form (`last_axis_product`): `x @ embedding.T`
             # let XLA hoist a transposed copy of the table out of the loop.
             steps.append((HEAD, lambda x: jnp.einsum("td,vd->tv", x, embedding)))
-            return in_sequence(rows, steps, nudge)
+            return in_sequence(rows, steps, nudge, FUSED_GROUPS)
 
     input_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
@@ -257,7 +279,7 @@ def tensorflow_products(dtype, rows_in=1):
         cast = tf.bfloat16 if dtype == "bfloat16" else tf.float32
         kernels, embedding = weights("float32")
         arguments = (
-            [tf.cast(tf.constant(k), cast) for k in kernels],
+            [tf.cast(tf.constant(k), cast) for k in fused_qkv(kernels)],
             tf.cast(tf.constant(embedding), cast),
         )
         rows = {n: tf.cast(r, cast) for n, r in rows.items()}
@@ -268,7 +290,7 @@ def tensorflow_products(dtype, rows_in=1):
             steps.append(
                 (HEAD, functools.partial(tf.matmul, b=embedding, transpose_b=True))
             )
-            return in_sequence(rows, steps, nudge)
+            return in_sequence(rows, steps, nudge, FUSED_GROUPS)
 
     rows = {n: tf.constant(r) for n, r in rows.items()}
 
@@ -316,7 +338,7 @@ def int8_steps(product, kernels, table, table_scale):
     return steps + [(HEAD, head)]
 
 
-def in_sequence(rows, steps, nudge):
+def in_sequence(rows, steps, nudge, groups=GROUPS):
     """The products of `steps` (`(input size or HEAD, multiply)`), chained.
 
     A decoder's products depend on each other: a layer's attention output
@@ -324,14 +346,18 @@ def in_sequence(rows, steps, nudge):
     Independent products of one set of rows would let XLA run two at once
     on the two cores, or merge those sharing an input into one larger
     product; no decoder can. So each group of products (`GROUPS`: the ones
-    that do share an input in the model) reads its rows nudged by
-    `nudge(out)` of the last product of the group before.
+    that do share an input in the model; `FUSED_GROUPS` when query, key
+    and value are one matrix) reads its rows nudged by `nudge(out)` of the
+    last product of the group before.
     """
+    period = len(groups)
     outs, shift = [], None
     for index, (size, multiply) in enumerate(steps):
         x = rows[HIDDEN][-1:] if size == HEAD else rows[size]
         starts_group = (
-            size == HEAD or index == 0 or GROUPS[index % 7] != GROUPS[(index - 1) % 7]
+            size == HEAD
+            or index == 0
+            or groups[index % period] != groups[(index - 1) % period]
         )
         if starts_group and outs:
             shift = nudge(outs[-1])
@@ -562,7 +588,7 @@ def llamacpp_times(types, repeats, cases):
 
 def print_case_a(rows, peers, repeats):
     print(
-        f"# matmul_floor: {os.cpu_count()} cores; one token's 57 weight products "
+        f"# matmul_floor: {os.cpu_count()} cores; one token's weight products "
         f"of the mid config; medians of {repeats} rounds of {CALLS} tokens"
     )
     print(

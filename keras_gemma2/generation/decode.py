@@ -9,9 +9,11 @@ most `2 p` global slots and `sliding_window_size` local slots, never all of
 `max_length`.
 """
 
+import keras
 from keras import ops
 
 from keras_gemma2.generation.kv_cache import decode_cache, empty_cache
+from keras_gemma2.layers import loop_matrices
 from keras_gemma2.models.architecture import layer_is_local
 
 MIN_PREFILL_BUCKET = 16
@@ -181,22 +183,58 @@ def decode_segment(
     if last_index is not None:
         limit = ops.minimum(last_index, limit)
 
-    def cond(prompt, caches, index, done):
+    # One step (streaming) would pay the fused matrices' copy per token.
+    layers, matrices = _loop_matrices(causal_lm) if last_index is None else ((), ())
+
+    def cond(prompt, caches, index, done, matrices):
         return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
 
-    def body(prompt, caches, index, done):
-        prompt, caches, index, done, _ = decode_step(
-            causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids
-        )
-        return prompt, caches, index, done
+    def body(prompt, caches, index, done, matrices):
+        mapping = {id(layer): m for layer, m in zip(layers, matrices, strict=True)}
+        with loop_matrices.carried(mapping):
+            prompt, caches, index, done, _ = decode_step(
+                causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids
+            )
+        return prompt, caches, index, done, matrices
 
-    prompt, prefixes, index, done = causal_lm.sampler.run_loop(
+    prompt, prefixes, index, done, _ = causal_lm.sampler.run_loop(
         cond,
         body,
-        loop_vars=(prompt, _global_prefixes(caches, edge), index, done),
+        loop_vars=(prompt, _global_prefixes(caches, edge), index, done, matrices),
         model=causal_lm,
     )
     return prompt, _write_prefixes(caches, prefixes), index, done
+
+
+def _loop_matrices(causal_lm):
+    """`(attention layers, their matrices)` for a decode loop to carry.
+
+    See `layers.loop_matrices`: on XLA (jax, tensorflow) on one CPU device,
+    where they were measured; elsewhere (other devices, a
+    `keras.distribution`, torch), and for layers whose kernels do not
+    qualify, nothing: the layers read their kernels.
+    """
+    if keras.distribution.distribution() is not None or not _xla_on_cpu():
+        return (), ()
+    pairs = []
+    for block in causal_lm.backbone.transformer_layers:
+        found = loop_matrices.matrices(block.attention)
+        if found is not None:
+            pairs.append((block.attention, found))
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+def _xla_on_cpu():
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return all(d.device_type == "CPU" for d in tf.config.list_logical_devices())
+    return False
 
 
 def generate_tokens(causal_lm, token_ids, padding_mask, stop_token_ids, prefill_length):

@@ -24,6 +24,9 @@ a chain of norms and products took 159 us per product as one row against
 benchmark's mid model, processes alternating, 9.9-10.8 -> 8.4-8.9 ms per
 token. Those kernels take one row (`_duplicates_one_row`).
 
+Inside a decode loop on XLA (CPU), attention layers multiply by matrices
+the loop carries instead (`loop_matrices`): one row, no producer.
+
 int8 layers that quantize their input (Keras' default int8) take the two-row
 path on jax and TensorFlow alike, through the layer itself
 (`int8_products.duplicate_row`): XLA multiplies int8 on its int8 kernels

@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from keras_gemma2.layers import loop_matrices
 from keras_gemma2.layers.attention_dispatch import (
     attention,
     validate_attention_implementation,
@@ -207,9 +208,8 @@ class SlidingWindowAttention(keras.layers.Layer):
             cache_update_index, "int32"
         )
 
-        query = project(self.query_dense, hidden_states)  # [B, T, N, H]
-        key = project(self.key_dense, hidden_states)  # [B, T, K, H]
-        value = project(self.value_dense, hidden_states)  # [B, T, K, H]
+        carried = loop_matrices.lookup(self)  # set inside a decode loop
+        query, key, value = self._project_qkv(hidden_states, carried)
         # One rotation for queries and keys: the angles are computed once.
         rotation = rotary_rotation(
             query_positions, self.head_dim, self.rope_max_wavelength, query.dtype
@@ -288,10 +288,45 @@ class SlidingWindowAttention(keras.layers.Layer):
                 attended = cached_attention(
                     query, key_cache, value_cache, mask, self.attention_logit_soft_cap
                 )  # [B, T, N, H]
-        outputs = project(self.output_dense, attended)  # [B, T, D]
+        if carried is None:
+            outputs = project(self.output_dense, attended)  # [B, T, D]
+        else:
+            outputs = ops.reshape(
+                loop_matrices.product(attended, carried["output"], axes=2),
+                ops.shape(hidden_states),
+            )
         if cache is not None:
             return outputs, cache
         return outputs
+
+    def _project_qkv(self, hidden_states, carried):
+        """Query `[B, T, N, H]`, key and value `[B, T, K, H]`.
+
+        Through the layers' kernels, or through the `carried` matrices of a
+        decode loop (`loop_matrices`).
+        """
+        if carried is None:
+            return (
+                project(self.query_dense, hidden_states),
+                project(self.key_dense, hidden_states),
+                project(self.value_dense, hidden_states),
+            )
+        batch, length = ops.shape(hidden_states)[0], ops.shape(hidden_states)[1]
+        heads, kv_heads = self.num_query_heads, self.num_key_value_heads
+        if "qkv" in carried:
+            fused = loop_matrices.product(hidden_states, carried["qkv"])
+            width = self.head_dim
+            split = [heads * width, (heads + kv_heads) * width]
+            parts = ops.split(fused, split, axis=-1)
+        else:
+            parts = [
+                loop_matrices.product(hidden_states, carried[name])
+                for name in ("query", "key", "value")
+            ]
+        return tuple(
+            ops.reshape(part, (batch, length, count, self.head_dim))
+            for part, count in zip(parts, (heads, kv_heads, kv_heads), strict=True)
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape
