@@ -73,6 +73,22 @@ def matrices(attention):
     `[hidden, heads head_dim]`, a reshape); and `"output"`, `[heads
     head_dim, hidden]`. `None` when any of the four kernels does not qualify
     (see the module docstring).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_gemma2.layers import SlidingWindowAttention
+    >>> attention = SlidingWindowAttention(4, 2, 8)
+    >>> x = np.ones((1, 3, 16), "float32")
+    >>> _ = attention(x)
+    >>> found = matrices(attention)
+    >>> sorted(found), tuple(found["qkv"].shape), tuple(found["output"].shape)
+    (['output', 'qkv'], (16, 64), (32, 16))
+    >>> to_numpy = keras.ops.convert_to_numpy
+    >>> with carried({id(attention): found}):
+    ...     through_matrices = to_numpy(attention(x))
+    >>> bool(np.allclose(through_matrices, to_numpy(attention(x)), atol=1e-5))
+    True
     """
     layers = (
         attention.query_dense,
