@@ -216,12 +216,13 @@ def _loop_matrices(causal_lm):
     """
     if keras.distribution.distribution() is not None or not _xla_on_cpu():
         return (), ()
-    pairs = []
+    layers, matrices = [], []
     for block in causal_lm.backbone.transformer_layers:
         found = loop_matrices.matrices(block.attention)
         if found is not None:
-            pairs.append((block.attention, found))
-    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+            layers.append(block.attention)
+            matrices.append(found)
+    return tuple(layers), tuple(matrices)
 
 
 def _xla_on_cpu():

@@ -32,11 +32,14 @@ TensorFlow 581 -> 537 ms a call, jax 569 -> 549 ms; bfloat16 4-5% faster on
 both (`docs/decode_speed.md`).
 """
 
+import contextlib
 import math
 import threading
 
 import keras
 from keras import ops
+
+from keras_gemma2.layers.projection import linear_einsum
 
 # The largest fused query-key-value matrix, in bytes. Fusing helps matrices
 # that are too small to stream at full speed on their own (measured up to
@@ -52,13 +55,7 @@ _STATE = threading.local()
 
 def _plain_kernel(layer):
     """Whether `layer` is an `EinsumDense` whose kernel is used as stored."""
-    if not isinstance(layer, keras.layers.EinsumDense) or not layer.built:
-        return False
-    if layer.quantization_mode is not None or layer.bias is not None:
-        return False
-    if getattr(layer, "lora_enabled", False):
-        return False
-    if layer.activation not in (None, keras.activations.linear):
+    if not linear_einsum(layer) or getattr(layer, "lora_enabled", False):
         return False
     kernel_dtype = keras.backend.standardize_dtype(layer.kernel.dtype)
     return kernel_dtype == layer.compute_dtype and kernel_dtype in _ITEMSIZE
@@ -111,24 +108,20 @@ def matrices(attention):
     return result
 
 
-class carried:
-    """Context manager: attention layers read these matrices (`lookup`).
+@contextlib.contextmanager
+def carried(mapping):
+    """While open, attention layers read these matrices (`lookup`).
 
     Args:
         mapping: dict from `id()` of a `SlidingWindowAttention` to its
             `matrices`.
     """
-
-    def __init__(self, mapping):
-        self.mapping = mapping
-
-    def __enter__(self):
-        self.outer = getattr(_STATE, "mapping", None)
-        _STATE.mapping = self.mapping
-        return self
-
-    def __exit__(self, *exc_info):
-        _STATE.mapping = self.outer
+    outer = getattr(_STATE, "mapping", None)
+    _STATE.mapping = mapping
+    try:
+        yield
+    finally:
+        _STATE.mapping = outer
 
 
 def lookup(attention):

@@ -65,15 +65,19 @@ def _contracted_axes(equation):
     return count
 
 
+def linear_einsum(layer):
+    """Whether `layer` is a built `EinsumDense` computing `x @ kernel` alone:
+    no bias, no quantization, no activation."""
+    if not isinstance(layer, keras.layers.EinsumDense) or not layer.built:
+        return False
+    if layer.quantization_mode is not None or layer.bias is not None:
+        return False
+    return layer.activation in (None, keras.activations.linear)
+
+
 def _single_row_axes(layer, x):
     """Contracted axes if `layer(x)` may take the two-row path, else `None`."""
-    if keras.config.backend() != "tensorflow":
-        return None
-    if not isinstance(layer, keras.layers.EinsumDense) or not layer.built:
-        return None
-    if layer.quantization_mode is not None or layer.bias is not None:
-        return None
-    if layer.activation not in (None, keras.activations.linear):
+    if keras.config.backend() != "tensorflow" or not linear_einsum(layer):
         return None
     count = _contracted_axes(layer.equation)
     shape = tuple(x.shape)
@@ -148,4 +152,4 @@ def project(layer, x):
     return tf.reshape(product, tuple(x.shape[:-count]) + outputs)
 
 
-__all__ = ["project"]
+__all__ = ["linear_einsum", "project"]
