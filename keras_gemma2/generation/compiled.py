@@ -1,9 +1,10 @@
 """Generation as compiled phases, driven from a short host loop.
 
-The phases are those of `decode.py`: `prefill`, then one `decode_segment`
-per bucket edge (a loop whose steps read the first `edge` global slots), or
-`step_with_prefix` one token at a time when streaming. Each phase is
-compiled once per shape for the backend:
+The phases are those of `decode.py`: `prefill_and_choose` (the prefill,
+which also chooses the first new token from its own last hidden state), then
+one `decode_segment` per bucket edge (a loop whose steps read the first
+`edge` global slots), or `step_with_prefix` one token at a time when
+streaming. Each phase is compiled once per shape for the backend:
 
 - JAX: `jax.jit` over the model's variables as explicit state (the way
   KerasHub compiles generation).
@@ -38,7 +39,7 @@ from keras_gemma2.generation.decode import (
     bucket_edges,
     decode_segment,
     finish,
-    prefill,
+    prefill_and_choose,
     prefill_bucket,
     step_with_prefix,
 )
@@ -89,14 +90,17 @@ class GenerationProgram:
         return self._compiled[key]
 
     def _prefill(self, inputs):
-        """`(prompt_mask, max_length, state, decoder)` after the prefill.
+        """`(prompt_mask, max_length, state, decoder, token)` after the prefill.
 
         `decoder` is the `torch_decode.TorchDecoder` that decodes on torch's
-        fast path, else `None` (the compiled segments decode).
+        fast path, else `None` (the compiled segments decode). On that path
+        `state` is `decode.prefill`'s; otherwise the prefill also chose the
+        token at the first position (`decode.prefill_and_choose`), `token`,
+        and `state` is one position on.
         """
         token_ids = ops.convert_to_tensor(inputs["token_ids"])
         padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
-        decoder = None
+        decoder, token = None, None
         if torch_decode.supports(self.causal_lm):
             import torch
 
@@ -110,19 +114,32 @@ class GenerationProgram:
             self.decode_path = compiled_path(self.causal_lm)
             run = self._phase(
                 "prefill",
-                lambda args: prefill(self.causal_lm, *args, self.prefill_length),
+                lambda args: prefill_and_choose(
+                    self.causal_lm, *args, self.prefill_length, self.stop_token_ids
+                ),
             )
-            state = run((token_ids, padding_mask))
-        return ops.cast(padding_mask, "bool"), token_ids.shape[1], state, decoder
+            state, token = run((token_ids, padding_mask))
+        mask = ops.cast(padding_mask, "bool")
+        return mask, token_ids.shape[1], state, decoder, token
 
     def __call__(self, inputs):
         """Complete `inputs` (`{"token_ids", "padding_mask"}`), as one batch."""
-        prompt_mask, max_length, state, decoder = self._prefill(inputs)
+        prompt_mask, max_length, state, decoder, _ = self._prefill(inputs)
         if decoder is not None:
             prompt = self._torch_decode(state, prompt_mask, decoder)
             return finish(prompt, prompt_mask, self.stop_token_ids)
+        # The prefill's index, read on the host: the shortest prompt's
+        # length, plus the token the prefill chose.
+        lengths = ops.convert_to_numpy(inputs["padding_mask"]).sum(axis=-1)
+        index = min(int(lengths.min()) + 1, max_length)
         for edge in bucket_edges(self.prefill_length, max_length):
-            if bool(ops.convert_to_numpy(ops.all(state[-1]))):
+            # A segment runs while its index <= edge: earlier ones are empty.
+            if edge < index:
+                continue
+            # Only a stop token ends rows early; without one, nothing waits
+            # for a segment to finish before the next is dispatched.
+            stops = self.stop_token_ids is not None
+            if stops and bool(ops.convert_to_numpy(ops.all(state[-1]))):
                 break
             run = self._phase(
                 ("segment", edge),
@@ -135,12 +152,17 @@ class GenerationProgram:
 
     def stream(self, inputs):
         """Yield each new token id (int) of a one-row batch as it is sampled."""
-        prompt_mask, max_length, state, decoder = self._prefill(inputs)
+        prompt_mask, max_length, state, decoder, token = self._prefill(inputs)
         if decoder is not None:
             for _, _, token in self._torch_tokens(state, prompt_mask, decoder):
                 yield int(token[0])
             return
         length = int(ops.convert_to_numpy(state[2]))
+        if length > int(ops.convert_to_numpy(ops.sum(prompt_mask[0]))):
+            token = int(ops.convert_to_numpy(token)[0])
+            yield token
+            if self.stop_token_ids is not None and token in self.stop_token_ids:
+                return
         edges = bucket_edges(self.prefill_length, max_length)
         for index in range(length, max_length):
             edge = next(edge for edge in edges if edge >= index)

@@ -60,20 +60,67 @@ def prefill(causal_lm, token_ids, padding_mask, prefill_length):
         position to generate, the shortest prompt's length; `done` is
         `[batch]` false.
     """
+    state, _ = _prefill_hidden(causal_lm, token_ids, padding_mask, prefill_length)
+    return state
+
+
+def _prefill_hidden(causal_lm, token_ids, padding_mask, prefill_length):
+    """`(prefill's state, the prefill's final hidden states)`."""
     backbone = causal_lm.backbone
     batch_size, max_length = ops.shape(token_ids)[0], token_ids.shape[1]
     prompt_mask = ops.cast(padding_mask, "bool")
     # First position to generate: every row has a real token before it.
     index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
     caches = empty_cache(backbone, batch_size, prefill_length, prefill_length)
-    _, caches = backbone.compute_hidden_states(
+    hidden_states, caches = backbone.compute_hidden_states(
         token_ids[:, :prefill_length], cache=caches, cache_update_index=0
     )
     # The step that produces `index` re-reads position index - 1, so the
     # rings hold the window ending there.
     caches = decode_cache(backbone, caches, index - 1, max_length)
     done = ops.zeros((batch_size,), "bool")
-    return token_ids, caches, index, done
+    return (token_ids, caches, index, done), hidden_states
+
+
+def prefill_and_choose(
+    causal_lm, token_ids, padding_mask, prefill_length, stop_token_ids
+):
+    """`prefill`, and the token at its `index` chosen from the prefill itself.
+
+    The prefill already computed the final hidden state of position
+    `index - 1`; the first decode step would run that position through
+    every layer again, one row at a time. Here only the head and the
+    sampler run on it.
+
+    Returns:
+        `(state, token)`: the state as `prefill` returns it, but one
+        position on (its `index` is `prefill`'s plus one, at most
+        `max_length`; the rings still end at `prefill`'s `index - 1`, which
+        is what a step at that position reads); `token` `[batch]` is the
+        token written at `prefill`'s `index` (a row's own prompt token where
+        its prompt is longer).
+    """
+    state, hidden_states = _prefill_hidden(
+        causal_lm, token_ids, padding_mask, prefill_length
+    )
+    prompt, caches, index, done = state
+    max_length = prompt.shape[1]
+    # A prompt that fills `max_length` leaves nothing to generate: the write
+    # goes to the last position, where `choose_token` keeps the prompt's own
+    # token, and the index stays at `max_length`.
+    position = ops.minimum(index, max_length - 1)
+    last = ops.take(hidden_states, position - 1, axis=1)[:, None, :]
+    logits = causal_lm.head_logits(last)
+    prompt, done, token = choose_token(
+        causal_lm.sampler,
+        logits[:, 0],
+        prompt,
+        ops.cast(padding_mask, "bool"),
+        position,
+        done,
+        stop_token_ids,
+    )
+    return (prompt, caches, ops.minimum(index + 1, max_length), done), token
 
 
 def _global_prefixes(caches, edge):

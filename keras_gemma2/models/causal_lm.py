@@ -222,6 +222,14 @@ class Gemma2CausalLM(
         hidden_states, cache = self.backbone.compute_hidden_states(
             token_ids, cache=cache, cache_update_index=cache_update_index
         )
+        return self.head_logits(hidden_states), hidden_states, cache
+
+    def head_logits(self, hidden_states):
+        """Soft-capped logits `[batch, T, vocabulary_size]` of final hidden states.
+
+        The tied head of `call_with_cache`: `hidden_states` `[batch, T,
+        hidden_dim]` are the backbone's normalized outputs.
+        """
         embedding = self.backbone.token_embedding
         if embedding.quantization_mode is None:
             # Contracting the table's own last axis lets XLA read it in place;
@@ -233,7 +241,7 @@ class Gemma2CausalLM(
             logits = int8_head_logits(hidden_states, embedding)
         else:
             logits = embedding(hidden_states, reverse=True)
-        return self.logit_soft_cap(logits), hidden_states, cache
+        return self.logit_soft_cap(logits)
 
     def score(
         self,

@@ -139,7 +139,7 @@ def test_compiled_once_per_shape(monkeypatch):
 
     causal_lm = make_causal_lm()
     traces = []
-    for name in ("prefill", "decode_segment"):
+    for name in ("prefill_and_choose", "decode_segment"):
         original = getattr(compiled, name)
 
         def counting(*args, original=original, name=name, **kwargs):
@@ -152,7 +152,7 @@ def test_compiled_once_per_shape(monkeypatch):
     first = causal_lm.generate(inputs, stop_token_ids=None)
     traced = list(traces)
     # One prefill and one loop per bucket edge (16, then 24).
-    assert traced == ["prefill", "decode_segment", "decode_segment"]
+    assert traced == ["prefill_and_choose", "decode_segment", "decode_segment"]
     second = causal_lm.generate(inputs, stop_token_ids=None)
     assert traces == traced
     np.testing.assert_array_equal(
@@ -180,4 +180,54 @@ def test_phases_equal_the_portable_program(causal_lm):
     np.testing.assert_array_equal(
         ops.convert_to_numpy(phases["token_ids"]),
         ops.convert_to_numpy(portable["token_ids"]),
+    )
+
+
+def test_prefill_chooses_the_first_token(causal_lm):
+    """The prefill writes the token at the shortest prompt's end, from its own pass.
+
+    Row 0's prompt ends at 3: its token is the full forward pass's argmax at
+    position 2. Row 1's prompt is longer, so position 3 keeps its prompt
+    token, and a stop token there does not end the row.
+    """
+    from keras_gemma2.generation.decode import prefill_and_choose
+
+    token_ids, padding_mask = ragged_prompts()
+    expected = full_logits(causal_lm, token_ids[:1, :3])[0, 2].argmax()
+    args = [ops.convert_to_tensor(token_ids), ops.convert_to_tensor(padding_mask)]
+    stops = (int(expected), int(token_ids[1, 3]))
+    (prompt, _, index, done), token = prefill_and_choose(causal_lm, *args, 16, stops)
+    prompt = ops.convert_to_numpy(prompt)
+    assert ops.convert_to_numpy(token).tolist() == [expected, token_ids[1, 3]]
+    assert prompt[0, 3] == expected and prompt[0, 4] == 0
+    np.testing.assert_array_equal(prompt[1], token_ids[1])
+    assert int(ops.convert_to_numpy(index)) == 4
+    assert ops.convert_to_numpy(done).tolist() == [True, False]
+
+
+def test_prompt_filling_max_length_writes_nothing(causal_lm):
+    """`generate` refuses such a row (`inputs.py`); the phase still stays in bounds."""
+    from keras_gemma2.generation.decode import prefill_and_choose
+
+    token_ids = np.random.RandomState(3).randint(1, 96, (1, 16)).astype("int32")
+    args = [ops.convert_to_tensor(token_ids), ops.ones((1, 16), "int32")]
+    (prompt, _, index, done), _ = prefill_and_choose(causal_lm, *args, 16, None)
+    np.testing.assert_array_equal(ops.convert_to_numpy(prompt), token_ids)
+    assert int(ops.convert_to_numpy(index)) == 16
+    assert not ops.convert_to_numpy(done).any()
+
+
+def test_first_token_a_stop_token_ends_generation(causal_lm):
+    token_ids = np.zeros((1, MAX_LENGTH), "int32")
+    token_ids[0, :3] = [2, 5, 7]
+    padding_mask = (token_ids != 0).astype("int32")
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    unstopped = ops.convert_to_numpy(
+        causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    )
+    outputs = causal_lm.generate(inputs, stop_token_ids=(int(unstopped[0, 3]),))
+    mask = ops.convert_to_numpy(outputs["padding_mask"])
+    assert mask[0].tolist() == [True] * 4 + [False] * (MAX_LENGTH - 4)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(outputs["token_ids"])[0, :4], unstopped[0, :4]
     )
