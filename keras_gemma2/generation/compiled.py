@@ -90,17 +90,18 @@ class GenerationProgram:
         return self._compiled[key]
 
     def _prefill(self, inputs):
-        """`(prompt_mask, max_length, state, decoder, token)` after the prefill.
+        """`(prompt_mask, max_length, state, decoder, token, matrices)`.
 
         `decoder` is the `torch_decode.TorchDecoder` that decodes on torch's
         fast path, else `None` (the compiled segments decode). On that path
         `state` is `decode.prefill`'s; otherwise the prefill also chose the
         token at the first position (`decode.prefill_and_choose`), `token`,
-        and `state` is one position on.
+        `state` is one position on, and `matrices` are what the decode
+        programs carry.
         """
         token_ids = ops.convert_to_tensor(inputs["token_ids"])
         padding_mask = ops.convert_to_tensor(inputs["padding_mask"])
-        decoder, token = None, None
+        decoder, token, matrices = None, None, None
         if torch_decode.supports(self.causal_lm):
             import torch
 
@@ -118,13 +119,13 @@ class GenerationProgram:
                     self.causal_lm, *args, self.prefill_length, self.stop_token_ids
                 ),
             )
-            state, token = run((token_ids, padding_mask))
+            state, token, matrices = run((token_ids, padding_mask))
         mask = ops.cast(padding_mask, "bool")
-        return mask, token_ids.shape[1], state, decoder, token
+        return mask, token_ids.shape[1], state, decoder, token, matrices
 
     def __call__(self, inputs):
         """Complete `inputs` (`{"token_ids", "padding_mask"}`), as one batch."""
-        prompt_mask, max_length, state, decoder, _ = self._prefill(inputs)
+        prompt_mask, max_length, state, decoder, _, matrices = self._prefill(inputs)
         if decoder is not None:
             prompt = self._torch_decode(state, prompt_mask, decoder)
             return finish(prompt, prompt_mask, self.stop_token_ids)
@@ -144,15 +145,19 @@ class GenerationProgram:
             run = self._phase(
                 ("segment", edge),
                 lambda args, edge=edge: decode_segment(
-                    self.causal_lm, *args, edge, self.stop_token_ids
+                    self.causal_lm,
+                    *args[:2],
+                    edge,
+                    self.stop_token_ids,
+                    matrices=args[2],
                 ),
             )
-            state = run((state, prompt_mask))
+            state = run((state, prompt_mask, matrices))
         return finish(state[0], prompt_mask, self.stop_token_ids)
 
     def stream(self, inputs):
         """Yield each new token id (int) of a one-row batch as it is sampled."""
-        prompt_mask, max_length, state, decoder, token = self._prefill(inputs)
+        prompt_mask, max_length, state, decoder, token, matrices = self._prefill(inputs)
         if decoder is not None:
             for _, _, token in self._torch_tokens(state, prompt_mask, decoder):
                 yield int(token[0])
@@ -169,10 +174,10 @@ class GenerationProgram:
             run = self._phase(
                 ("step", edge),
                 lambda args, edge=edge: step_with_prefix(
-                    self.causal_lm, *args, edge, self.stop_token_ids
+                    self.causal_lm, *args[:2], edge, self.stop_token_ids, args[2]
                 ),
             )
-            state, token = run((state, prompt_mask))
+            state, token = run((state, prompt_mask, matrices))
             token = int(ops.convert_to_numpy(token)[0])
             yield token
             if self.stop_token_ids is not None and token in self.stop_token_ids:

@@ -92,25 +92,31 @@ def prefill_and_choose(
     every layer again, one row at a time. Here only the head and the
     sampler run on it.
 
+    It also builds the matrices that decode loops carry (`_loop_matrices`),
+    and runs through them itself, so a generation call builds them once:
+    `decode_segment` and `step_with_prefix` take them as `matrices`.
+
     Returns:
-        `(state, token)`: the state as `prefill` returns it, but one
-        position on (its `index` is `prefill`'s plus one, at most
+        `(state, token, matrices)`: the state as `prefill` returns it, but
+        one position on (its `index` is `prefill`'s plus one, at most
         `max_length`; the rings still end at `prefill`'s `index - 1`, which
         is what a step at that position reads); `token` `[batch]` is the
         token written at `prefill`'s `index` (a row's own prompt token where
-        its prompt is longer).
+        its prompt is longer); `matrices` a tuple of dicts of tensors.
     """
-    state, hidden_states = _prefill_hidden(
-        causal_lm, token_ids, padding_mask, prefill_length
-    )
-    prompt, caches, index, done = state
-    max_length = prompt.shape[1]
-    # A prompt that fills `max_length` leaves nothing to generate: the write
-    # goes to the last position, where `choose_token` keeps the prompt's own
-    # token, and the index stays at `max_length`.
-    position = ops.minimum(index, max_length - 1)
-    last = ops.take(hidden_states, position - 1, axis=1)[:, None, :]
-    logits = causal_lm.head_logits(last)
+    matrices = _loop_matrices(causal_lm, "copies")
+    with _carrying(*_carried_pairs(causal_lm, _with_views(causal_lm, matrices))):
+        state, hidden_states = _prefill_hidden(
+            causal_lm, token_ids, padding_mask, prefill_length
+        )
+        prompt, caches, index, done = state
+        max_length = prompt.shape[1]
+        # A prompt that fills `max_length` leaves nothing to generate: the
+        # write goes to the last position, where `choose_token` keeps the
+        # prompt's own token, and the index stays at `max_length`.
+        position = ops.minimum(index, max_length - 1)
+        last = ops.take(hidden_states, position - 1, axis=1)[:, None, :]
+        logits = causal_lm.head_logits(last)
     prompt, done, token = choose_token(
         causal_lm.sampler,
         logits[:, 0],
@@ -120,7 +126,8 @@ def prefill_and_choose(
         done,
         stop_token_ids,
     )
-    return (prompt, caches, ops.minimum(index + 1, max_length), done), token
+    state = (prompt, caches, ops.minimum(index + 1, max_length), done)
+    return state, token, matrices
 
 
 def _global_prefixes(caches, edge):
@@ -202,43 +209,59 @@ def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_i
     return prompt, done, token
 
 
-def step_with_prefix(causal_lm, state, prompt_mask, edge, stop_token_ids):
+def step_with_prefix(
+    causal_lm, state, prompt_mask, edge, stop_token_ids, matrices=None
+):
     """One decode step reading the first `edge` global slots.
 
     It is `decode_segment` stopped after one step: inside a loop the index
     is a loop variable, while as an input of a TensorFlow XLA program it is
     taken for a compile-time constant, recompiling the step at every index.
+    `matrices`: as `decode_segment`'s.
 
     Returns `(state, next_token)`; the state is as `prefill` returns it.
     """
     index = state[2]
-    state = decode_segment(causal_lm, state, prompt_mask, edge, stop_token_ids, index)
+    state = decode_segment(
+        causal_lm, state, prompt_mask, edge, stop_token_ids, index, matrices
+    )
     return state, ops.take(state[0], index, axis=1)
 
 
 def decode_segment(
-    causal_lm, state, prompt_mask, edge, stop_token_ids, last_index=None
+    causal_lm,
+    state,
+    prompt_mask,
+    edge,
+    stop_token_ids,
+    last_index=None,
+    matrices=None,
 ):
     """Decode while `index <= edge` (and not every row is done), as one loop.
 
     Every step of the segment attends to the first `edge` global slots, so
     the loop body has static shapes. `last_index` (int or int scalar tensor,
-    at most `edge`) stops the loop earlier. Returns the new state.
+    at most `edge`) stops the loop earlier. `matrices`: what
+    `prefill_and_choose` built for the loop to carry; `None` builds them
+    here (a loop), or carries none (one step, `last_index`, which would pay
+    their copies per token). Returns the new state.
     """
     prompt, caches, index, done = state
     limit = min(edge, prompt.shape[1] - 1)
     if last_index is not None:
         limit = ops.minimum(last_index, limit)
 
-    # One step (streaming) would pay the fused matrices' copy per token.
-    layers, matrices = _loop_matrices(causal_lm) if last_index is None else ((), ())
+    if matrices is None:
+        matrices = _loop_matrices(causal_lm) if last_index is None else ()
+    elif matrices:
+        matrices = _with_views(causal_lm, matrices)
+    layers, matrices = _carried_pairs(causal_lm, matrices) if matrices else ((), ())
 
     def cond(prompt, caches, index, done, matrices):
         return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
 
     def body(prompt, caches, index, done, matrices):
-        mapping = {id(layer): m for layer, m in zip(layers, matrices, strict=True)}
-        with loop_matrices.carried(mapping):
+        with _carrying(layers, matrices):
             prompt, caches, index, done, _ = decode_step(
                 causal_lm, prompt, prompt_mask, caches, index, done, stop_token_ids
             )
@@ -253,23 +276,75 @@ def decode_segment(
     return prompt, _write_prefixes(caches, prefixes), index, done
 
 
-def _loop_matrices(causal_lm):
-    """`(attention layers, their matrices)` for a decode loop to carry.
+def _loop_candidates(causal_lm):
+    """`[(layer, build)]`: the layers generation may carry matrices for.
 
     See `layers.loop_matrices`: on XLA (jax, tensorflow) on one CPU device,
     where they were measured; elsewhere (other devices, a
-    `keras.distribution`, torch), and for layers whose kernels do not
-    qualify, nothing: the layers read their kernels.
+    `keras.distribution`, torch) none, and the layers read their kernels.
+    Every attention layer; with bfloat16 compute (`_loop_dtype`) also the
+    feed-forward layers and the tied head, converted to float32.
     """
     if keras.distribution.distribution() is not None or not _xla_on_cpu():
-        return (), ()
-    layers, matrices = [], []
-    for block in causal_lm.backbone.transformer_layers:
-        found = loop_matrices.matrices(block.attention)
-        if found is not None:
-            layers.append(block.attention)
-            matrices.append(found)
-    return tuple(layers), tuple(matrices)
+        return []
+    backbone = causal_lm.backbone
+    converted = _loop_dtype(backbone) is not None
+    candidates = []
+    for block in backbone.transformer_layers:
+        candidates.append((block.attention, loop_matrices.matrices))
+        if converted:
+            candidates.append((block.ffw, loop_matrices.feed_forward_matrices))
+    if converted:
+        candidates.append((backbone.token_embedding, loop_matrices.head_matrices))
+    return candidates
+
+
+def _loop_matrices(causal_lm, part="all"):
+    """One entry per `_loop_candidates` layer: its matrices, or `None` (it
+    does not qualify: LoRA, quantized, ...). `part` as in
+    `loop_matrices.matrices`."""
+    dtype = _loop_dtype(causal_lm.backbone)
+    candidates = _loop_candidates(causal_lm)
+    return tuple(build(layer, dtype, part) for layer, build in candidates)
+
+
+def _with_views(causal_lm, copies):
+    """The matrices handed to a program (`copies`), completed with its views.
+
+    Reshapes of the kernels cost nothing inside a program but a copy each
+    when a program returns them, so they are built where they are used.
+    """
+    views = _loop_matrices(causal_lm, "views")
+    return tuple(
+        None if copied is None else {**view, **copied}
+        for view, copied in zip(views, copies, strict=True)
+    )
+
+
+def _carried_pairs(causal_lm, matrices):
+    """`(layers, their matrices)`: the entries of `matrices` that are not `None`."""
+    pairs = [
+        (layer, found)
+        for (layer, _), found in zip(_loop_candidates(causal_lm), matrices, strict=True)
+        if found is not None
+    ]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+def _loop_dtype(backbone):
+    """`"float32"` for bfloat16 compute, else `None`.
+
+    XLA (CPU) multiplies bfloat16 kernels as float32 copies anyway, made
+    again in every program (see `layers.loop_matrices`).
+    """
+    compute = keras.backend.standardize_dtype(backbone.compute_dtype)
+    return "float32" if compute == "bfloat16" else None
+
+
+def _carrying(layers, matrices):
+    """`loop_matrices.carried` for these layers and their matrices."""
+    mapping = {id(layer): m for layer, m in zip(layers, matrices, strict=True)}
+    return loop_matrices.carried(mapping)
 
 
 def _xla_on_cpu():

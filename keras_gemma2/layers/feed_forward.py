@@ -1,7 +1,9 @@
 """Gemma's GeGLU feed-forward network."""
 
 import keras
+from keras import ops
 
+from keras_gemma2.layers import loop_matrices
 from keras_gemma2.layers.gemma2_math import geglu
 from keras_gemma2.layers.projection import project
 from keras_gemma2.layers.validation import positive_int
@@ -51,8 +53,17 @@ class Gemma2FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        gated = geglu(project(self.gate_dense, x), project(self.up_dense, x))
-        return project(self.down_dense, gated)
+        carried = loop_matrices.lookup(self)  # set inside generation
+        if carried is None:
+            gated = geglu(project(self.gate_dense, x), project(self.up_dense, x))
+            return project(self.down_dense, gated)
+        shape = ops.shape(x)
+
+        def through(rows, name):
+            product = loop_matrices.product(rows, carried[name])
+            return ops.reshape(product, (*shape[:-1], -1))
+
+        return through(geglu(through(x, "gate"), through(x, "up")), "down")
 
     def compute_output_shape(self, input_shape):
         return input_shape

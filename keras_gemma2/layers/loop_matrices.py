@@ -14,22 +14,33 @@ XLA (CPU) two things made those products slow on the benchmark's mid model
   `[512, 512]` 16 GB/s, the same three fused as one `[512, 1024]` product
   23 GB/s (a `tf.profiler` trace of the decode loop, medians of 64 steps).
 
-So before its loop, `decode.decode_segment` computes each attention layer's
-matrices (`matrices`): its query, key and value kernels concatenated into
-one `[hidden, (heads + 2 kv_heads) head_dim]` matrix when that is at most
-`FUSE_LIMIT_BYTES` (a copy, once per loop; else each reshaped to 2-D), and
-its output kernel as a `[heads head_dim, hidden]` matrix. A reshape costs
-nothing: XLA passes it into the loop as a bitcast. The loop carries them as
-loop variables, so inside it each is a plain operand with no producer to
-fuse. The layer reads them while
-`carried(...)` is active (`lookup`); anywhere else it uses its kernels as
-before. Only float kernels read as stored qualify: no LoRA, no
-quantization, no bias, the kernel in the compute dtype.
+So generation computes each attention layer's matrices (`matrices`): its
+query, key and value kernels concatenated into one `[hidden, (heads + 2
+kv_heads) head_dim]` matrix when that is at most `FUSE_LIMIT_BYTES` (a
+copy, made once per call in the prefill program and handed to every decode
+loop; else each reshaped to 2-D), and its output kernel as a `[heads
+head_dim, hidden]` matrix. A reshape costs nothing inside a program (XLA
+passes it into the loop as a bitcast), so each program makes its own. The
+loop carries them as loop variables, so inside it each is a plain operand
+with no producer to fuse. The layer reads them while `carried(...)` is
+active (`lookup`); anywhere else it uses its kernels as before. Only float
+kernels read as stored qualify: no LoRA, no quantization, no bias, the
+kernel in the compute dtype.
 
 Measured in one process, models alternating (case (a) of
 `benchmarks/vs_llamacpp.py`: 32-token prompt, 64 new tokens, float32):
 TensorFlow 581 -> 537 ms a call, jax 569 -> 549 ms; bfloat16 4-5% faster on
 both (`docs/decode_speed.md`).
+
+bfloat16 kernels: XLA (CPU) multiplies them as float32 copies, which it
+made again in every program of a generation (the prefill and each decode
+loop; for the tied head a transposed copy too), 30-40 ms a program on the
+mid model. So `matrices(..., dtype="float32")` converts the attention
+kernels, `feed_forward_matrices` the feed-forward's and `head_matrices` the
+tied embedding; generation builds them once per call, in its prefill
+(`decode.prefill_and_choose`). Products through them return the input's
+dtype, as the layers' own do: one row, case (a), bfloat16, jax 780 -> 630
+ms a call, TensorFlow 728 -> 552 ms.
 """
 
 import contextlib
@@ -61,7 +72,11 @@ def _plain_kernel(layer):
     return kernel_dtype == layer.compute_dtype and kernel_dtype in _ITEMSIZE
 
 
-def matrices(attention):
+def _convert(kernel, dtype):
+    return kernel if dtype is None else ops.cast(kernel, dtype)
+
+
+def matrices(attention, dtype=None, part="all"):
     """The carried matrices of a `SlidingWindowAttention`, or `None`.
 
     Returns a dict: `"qkv"`, `[hidden, (heads + 2 kv_heads) head_dim]`
@@ -69,7 +84,11 @@ def matrices(attention):
     `FUSE_LIMIT_BYTES`, else `"query"`, `"key"` and `"value"` (each
     `[hidden, heads head_dim]`, a reshape); and `"output"`, `[heads
     head_dim, hidden]`. `None` when any of the four kernels does not qualify
-    (see the module docstring).
+    (see the module docstring). `dtype`: the matrices' dtype (a converted
+    copy); `None` keeps the kernels'. `part`: `"all"`, `"copies"` (only
+    the matrices that copy a kernel: worth building once and handing to
+    several programs) or `"views"` (the reshapes, free inside a program but
+    a copy when a program returns them).
 
     Example:
 
@@ -95,17 +114,83 @@ def matrices(attention):
     )
     if not all(_plain_kernel(layer) for layer in layers):
         return None
-    query, key, value, output = (layer.kernel for layer in layers)
-    hidden = query.shape[0]
-    parts = [ops.reshape(kernel, (hidden, -1)) for kernel in (query, key, value)]
-    width = sum(part.shape[1] for part in parts)
-    itemsize = _ITEMSIZE[keras.backend.standardize_dtype(query.dtype)]
-    result = {"output": ops.reshape(output, (-1, output.shape[-1]))}
-    if hidden * width * itemsize <= FUSE_LIMIT_BYTES:
-        result["qkv"] = ops.concatenate(parts, axis=1)
-    else:
-        result.update(zip(("query", "key", "value"), parts, strict=True))
+    hidden = layers[0].kernel.shape[0]
+    width = sum(math.prod(layer.kernel.shape[1:]) for layer in layers[:3])
+    stored = keras.backend.standardize_dtype(layers[0].kernel.dtype)
+    itemsize = _ITEMSIZE[dtype or stored]
+    fused = hidden * width * itemsize <= FUSE_LIMIT_BYTES
+    names = ("qkv", "output") if fused else ("query", "key", "value", "output")
+    # Without a conversion, only the fused matrix is a copy; the rest are
+    # reshapes of the kernels.
+    copied = {name for name in names if dtype is not None or name == "qkv"}
+    if part != "all":
+        names = [name for name in names if (name in copied) == (part == "copies")]
+
+    def matrix(layer):
+        kernel = _convert(layer.kernel, dtype)
+        if layer is attention.output_dense:
+            return ops.reshape(kernel, (-1, kernel.shape[-1]))
+        return ops.reshape(kernel, (hidden, -1))
+
+    result = {}
+    for name in names:
+        if name == "qkv":
+            result[name] = ops.concatenate([matrix(x) for x in layers[:3]], axis=1)
+        else:
+            result[name] = matrix(getattr(attention, f"{name}_dense"))
     return result
+
+
+def feed_forward_matrices(feed_forward, dtype, part="all"):
+    """A `Gemma2FeedForward`'s kernels converted to `dtype`, or `None`.
+
+    Returns `{"gate", "up", "down"}` (the kernels, each 2-D already), or
+    `None` when a kernel does not qualify or is already in `dtype`: read as
+    stored, they need no carrying (a fused gate-and-up matrix measured no
+    faster in a jax decode loop). All three are copies: `part="views"`
+    gives `{}`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_gemma2.layers import Gemma2FeedForward
+    >>> feed_forward = Gemma2FeedForward(intermediate_dim=32, dtype="bfloat16")
+    >>> x = np.ones((1, 1, 8), "float32")
+    >>> _ = feed_forward(x)
+    >>> found = feed_forward_matrices(feed_forward, "float32")
+    >>> sorted(found), keras.backend.standardize_dtype(found["gate"].dtype)
+    (['down', 'gate', 'up'], 'float32')
+    >>> to_numpy = keras.ops.convert_to_numpy
+    >>> with carried({id(feed_forward): found}):
+    ...     through_matrices = to_numpy(feed_forward(x))
+    >>> bool((through_matrices == to_numpy(feed_forward(x))).all())
+    True
+    """
+    layers = (feed_forward.gate_dense, feed_forward.up_dense, feed_forward.down_dense)
+    if not all(_plain_kernel(layer) for layer in layers):
+        return None
+    if keras.backend.standardize_dtype(layers[0].kernel.dtype) == dtype:
+        return None
+    names = () if part == "views" else ("gate", "up", "down")
+    pairs = zip(names, layers, strict=False)
+    return {name: ops.cast(layer.kernel, dtype) for name, layer in pairs}
+
+
+def head_matrices(embedding, dtype, part="all"):
+    """A tied embedding's table converted to `dtype`, or `None`.
+
+    Returns `{"table": [vocabulary, hidden]}` (`{}` for `part="views"`: it
+    is a copy), or `None` when the table is quantized, not a float in
+    `_ITEMSIZE`, or already in `dtype`.
+    """
+    if embedding.quantization_mode is not None:
+        return None
+    table_dtype = keras.backend.standardize_dtype(embedding.embeddings.dtype)
+    if table_dtype not in _ITEMSIZE or table_dtype == dtype:
+        return None
+    if part == "views":
+        return {}
+    return {"table": ops.cast(embedding.embeddings, dtype)}
 
 
 @contextlib.contextmanager
@@ -113,8 +198,9 @@ def carried(mapping):
     """While open, attention layers read these matrices (`lookup`).
 
     Args:
-        mapping: dict from `id()` of a `SlidingWindowAttention` to its
-            `matrices`.
+        mapping: dict from `id()` of a layer to its matrices: a
+            `SlidingWindowAttention`'s `matrices`, a `Gemma2FeedForward`'s
+            `feed_forward_matrices`, a tied embedding's `head_matrices`.
     """
     outer = getattr(_STATE, "mapping", None)
     _STATE.mapping = mapping
@@ -124,22 +210,30 @@ def carried(mapping):
         _STATE.mapping = outer
 
 
-def lookup(attention):
-    """The carried `matrices` of `attention`, or `None` outside `carried`."""
+def lookup(layer):
+    """The carried matrices of `layer`, or `None` (outside `carried`, or none)."""
     mapping = getattr(_STATE, "mapping", None)
     if not mapping:
         return None
-    return mapping.get(id(attention))
+    return mapping.get(id(layer))
 
 
 def product(x, matrix, axes=1):
     """`x`'s rows times `matrix`: `[rows, matrix columns]`, one 2-D product.
 
     A row holds `x`'s last `axes` axes, flattened; `rows` is the product of
-    the others.
+    the others. The product runs in `matrix`'s dtype and returns `x`'s.
     """
     rows = ops.reshape(x, (-1, math.prod(x.shape[-axes:])))
-    return ops.matmul(ops.cast(rows, matrix.dtype), matrix)
+    return ops.cast(ops.matmul(ops.cast(rows, matrix.dtype), matrix), x.dtype)
 
 
-__all__ = ["FUSE_LIMIT_BYTES", "carried", "lookup", "matrices", "product"]
+__all__ = [
+    "FUSE_LIMIT_BYTES",
+    "carried",
+    "feed_forward_matrices",
+    "head_matrices",
+    "lookup",
+    "matrices",
+    "product",
+]

@@ -6,6 +6,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_gemma2.layers import loop_matrices
 from keras_gemma2.layers.gemma2_math import embedding_scale
 from keras_gemma2.layers.int8_products import int8_head_applies, int8_head_logits
 from keras_gemma2.layers.last_axis_product import last_axis_product
@@ -231,7 +232,13 @@ class Gemma2CausalLM(
         hidden_dim]` are the backbone's normalized outputs.
         """
         embedding = self.backbone.token_embedding
-        if embedding.quantization_mode is None:
+        carried = loop_matrices.lookup(embedding)  # set inside generation
+        if carried is not None:
+            table = carried["table"]
+            rows = ops.cast(hidden_states, table.dtype)
+            logits = last_axis_product("btd,vd->btv", rows, table)
+            logits = ops.cast(logits, hidden_states.dtype)
+        elif embedding.quantization_mode is None:
             # Contracting the table's own last axis lets XLA read it in place;
             # `reverse=True` transposes it first, and XLA copies all of it at
             # every decode step (measured: 4.4 of 15 ms per token, jax CPU).

@@ -196,7 +196,7 @@ def test_prefill_chooses_the_first_token(causal_lm):
     expected = full_logits(causal_lm, token_ids[:1, :3])[0, 2].argmax()
     args = [ops.convert_to_tensor(token_ids), ops.convert_to_tensor(padding_mask)]
     stops = (int(expected), int(token_ids[1, 3]))
-    (prompt, _, index, done), token = prefill_and_choose(causal_lm, *args, 16, stops)
+    (prompt, _, index, done), token, _ = prefill_and_choose(causal_lm, *args, 16, stops)
     prompt = ops.convert_to_numpy(prompt)
     assert ops.convert_to_numpy(token).tolist() == [expected, token_ids[1, 3]]
     assert prompt[0, 3] == expected and prompt[0, 4] == 0
@@ -211,7 +211,7 @@ def test_prompt_filling_max_length_writes_nothing(causal_lm):
 
     token_ids = np.random.RandomState(3).randint(1, 96, (1, 16)).astype("int32")
     args = [ops.convert_to_tensor(token_ids), ops.ones((1, 16), "int32")]
-    (prompt, _, index, done), _ = prefill_and_choose(causal_lm, *args, 16, None)
+    (prompt, _, index, done), _, _ = prefill_and_choose(causal_lm, *args, 16, None)
     np.testing.assert_array_equal(ops.convert_to_numpy(prompt), token_ids)
     assert int(ops.convert_to_numpy(index)) == 16
     assert not ops.convert_to_numpy(done).any()

@@ -159,3 +159,167 @@ def test_compiled_decode_loops_carry_every_attention_layer(monkeypatch):
         stop_token_ids=None,
     )
     assert hits == attention_layers
+
+
+def _names(found):
+    return set(found) if found is not None else None
+
+
+def test_copies_and_views_split_the_matrices(monkeypatch):
+    layer = built_layer()
+    parts = {p: loop_matrices.matrices(layer, part=p) for p in ("copies", "views")}
+    # Fused: only the concatenation copies; the output kernel is a reshape.
+    assert _names(parts["copies"]) == {"qkv"}
+    assert _names(parts["views"]) == {"output"}
+    monkeypatch.setattr(loop_matrices, "FUSE_LIMIT_BYTES", 0)
+    assert loop_matrices.matrices(layer, part="copies") == {}
+    assert _names(loop_matrices.matrices(layer, part="views")) == {
+        "query",
+        "key",
+        "value",
+        "output",
+    }
+    # Converted, every matrix is a copy.
+    converted = loop_matrices.matrices(layer, "float16", part="copies")
+    assert _names(converted) == {"query", "key", "value", "output"}
+    assert loop_matrices.matrices(layer, "float16", part="views") == {}
+    assert all(
+        keras.backend.standardize_dtype(m.dtype) == "float16"
+        for m in converted.values()
+    )
+
+
+def _bfloat16_feed_forward():
+    from keras_gemma2.layers import Gemma2FeedForward
+
+    layer = Gemma2FeedForward(
+        intermediate_dim=24, kernel_initializer="random_normal", dtype="bfloat16"
+    )
+    layer(inputs())
+    return layer
+
+
+def test_feed_forward_matrices_are_its_kernels_in_float32():
+    layer = _bfloat16_feed_forward()
+    found = loop_matrices.feed_forward_matrices(layer, "float32")
+    assert set(found) == {"gate", "up", "down"}
+    for name, dense in (
+        ("gate", layer.gate_dense),
+        ("up", layer.up_dense),
+        ("down", layer.down_dense),
+    ):
+        matrix = ops.convert_to_numpy(found[name])
+        assert matrix.dtype == np.float32
+        np.testing.assert_array_equal(matrix, kernel(dense).astype("float32"))
+    # Nothing to convert, or not read as stored: not carried.
+    assert loop_matrices.feed_forward_matrices(layer, "bfloat16") is None
+    layer.up_dense.enable_lora(2)
+    assert loop_matrices.feed_forward_matrices(layer, "float32") is None
+
+
+def _numpy_feed_forward(layer, x, scale):
+    """float64 GeGLU (tanh GELU) of `scale` times the layer's kernels."""
+    gate, up, down = (
+        kernel(dense).astype("float64") * scale
+        for dense in (layer.gate_dense, layer.up_dense, layer.down_dense)
+    )
+    g = x @ gate
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    return (gelu * (x @ up)) @ down
+
+
+def test_feed_forward_through_carried_matrices_matches_numpy():
+    layer = _bfloat16_feed_forward()
+    x = inputs()
+    found = loop_matrices.feed_forward_matrices(layer, "float32")
+    doubled = {name: ops.convert_to_numpy(m) * 2 for name, m in found.items()}
+    with loop_matrices.carried({id(layer): doubled}):
+        actual = ops.convert_to_numpy(ops.cast(layer(x), "float32"))
+    rounded = ops.convert_to_numpy(ops.cast(ops.cast(x, "bfloat16"), "float32"))
+    expected = _numpy_feed_forward(layer, rounded.astype("float64"), 2.0)
+    # bfloat16 between the products: a few of its steps (2**-8) of the scale.
+    np.testing.assert_allclose(actual, expected, atol=0.05 * np.abs(expected).max())
+    assert np.abs(actual - _numpy_feed_forward(layer, rounded, 1.0)).max() > 0.3 * (
+        np.abs(expected).max()
+    )
+
+
+def test_head_through_a_carried_float32_table():
+    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+    from tests.generation.test_generate import make_causal_lm
+
+    float32_lm = make_causal_lm()
+    config = {**float32_lm.backbone.get_config(), "dtype": "bfloat16"}
+    causal_lm = Gemma2CausalLM(Gemma2Backbone.from_config(config))
+    causal_lm.set_weights(float32_lm.get_weights())
+    embedding = causal_lm.backbone.token_embedding
+    found = loop_matrices.head_matrices(embedding, "float32")
+    table = ops.convert_to_numpy(found["table"])
+    np.testing.assert_array_equal(
+        table, ops.convert_to_numpy(ops.cast(embedding.embeddings, "float32"))
+    )
+    assert loop_matrices.head_matrices(embedding, "bfloat16") is None
+    hidden = ops.cast(inputs(batch=1, length=2, hidden=table.shape[1]), "bfloat16")
+    with loop_matrices.carried({id(embedding): {"table": table * 2}}):
+        actual = ops.convert_to_numpy(
+            ops.cast(causal_lm.head_logits(hidden), "float32")
+        )
+    rows = ops.convert_to_numpy(ops.cast(hidden, "float32")).astype("float64")
+    cap = causal_lm.backbone.final_logit_soft_cap
+    expected = cap * np.tanh(rows @ (table.astype("float64") * 2).T / cap)
+    np.testing.assert_allclose(actual, expected, atol=0.02 * cap)
+    undoubled = cap * np.tanh(rows @ table.astype("float64").T / cap)
+    assert np.abs(actual - undoubled).max() > 0.1
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "torch",
+    reason="torch decodes with TorchDecoder, which carries nothing",
+)
+def test_bfloat16_generation_carries_float32_copies(monkeypatch):
+    """Every attention, feed-forward and the head read float32 copies; the
+    tokens are those of XLA's own bfloat16 products (nothing carried)."""
+    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
+    from keras_gemma2.generation import decode
+    from tests.generation.test_generate import make_causal_lm, ragged_prompts
+
+    def bfloat16_lm():
+        float32_lm = make_causal_lm()
+        config = {**float32_lm.backbone.get_config(), "dtype": "bfloat16"}
+        causal_lm = Gemma2CausalLM(Gemma2Backbone.from_config(config))
+        causal_lm.set_weights(float32_lm.get_weights())
+        causal_lm.compile(sampler="greedy")
+        return causal_lm
+
+    token_ids, padding_mask = ragged_prompts()
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    causal_lm = bfloat16_lm()
+    backbone = causal_lm.backbone
+    expected_ids = {id(backbone.token_embedding)}
+    for block in backbone.transformer_layers:
+        expected_ids |= {id(block.attention), id(block.ffw)}
+    hits, dtypes = set(), set()
+    lookup = loop_matrices.lookup
+
+    def spy(layer):
+        found = lookup(layer)
+        if found is not None:
+            hits.add(id(layer))
+            dtypes.update(
+                keras.backend.standardize_dtype(m.dtype) for m in found.values()
+            )
+        return found
+
+    monkeypatch.setattr(loop_matrices, "lookup", spy)
+    carried = ops.convert_to_numpy(
+        causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    )
+    assert hits == expected_ids and dtypes == {"float32"}
+    monkeypatch.setattr(decode, "_loop_candidates", lambda causal_lm: [])
+    hits.clear()
+    own = ops.convert_to_numpy(
+        bfloat16_lm().generate(inputs, stop_token_ids=None)["token_ids"]
+    )
+    assert not hits
+    np.testing.assert_array_equal(carried, own)
+    assert len(set(carried[1, 7:].tolist())) > 3  # not a degenerate repeat
