@@ -129,17 +129,14 @@ class GenerationProgram:
         if decoder is not None:
             prompt = self._torch_decode(state, prompt_mask, decoder)
             return finish(prompt, prompt_mask, self.stop_token_ids)
-        # The prefill's index, read on the host: the shortest prompt's
-        # length, plus the token the prefill chose.
-        lengths = ops.convert_to_numpy(inputs["padding_mask"]).sum(axis=-1)
-        index = min(int(lengths.min()) + 1, max_length)
+        index = _shortest_prompt(inputs) + 1  # the prefill chose one token
+        # Only a stop token ends rows early; without one, nothing waits for a
+        # segment to finish before the next is dispatched.
+        stops = self.stop_token_ids is not None
         for edge in bucket_edges(self.prefill_length, max_length):
             # A segment runs while its index <= edge: earlier ones are empty.
             if edge < index:
                 continue
-            # Only a stop token ends rows early; without one, nothing waits
-            # for a segment to finish before the next is dispatched.
-            stops = self.stop_token_ids is not None
             if stops and bool(ops.convert_to_numpy(ops.all(state[-1]))):
                 break
             run = self._phase(
@@ -162,14 +159,14 @@ class GenerationProgram:
             for _, _, token in self._torch_tokens(state, prompt_mask, decoder):
                 yield int(token[0])
             return
-        length = int(ops.convert_to_numpy(state[2]))
-        if length > int(ops.convert_to_numpy(ops.sum(prompt_mask[0]))):
+        length = _shortest_prompt(inputs)  # one row: its prompt
+        if length < max_length:  # the prefill chose the token at `length`
             token = int(ops.convert_to_numpy(token)[0])
             yield token
             if self.stop_token_ids is not None and token in self.stop_token_ids:
                 return
         edges = bucket_edges(self.prefill_length, max_length)
-        for index in range(length, max_length):
+        for index in range(length + 1, max_length):
             edge = next(edge for edge in edges if edge >= index)
             run = self._phase(
                 ("step", edge),
@@ -219,6 +216,11 @@ def make_generate_function(causal_lm):
 
     generate_function.programs = programs
     return generate_function
+
+
+def _shortest_prompt(inputs):
+    """The shortest prompt's length: the first position generation writes."""
+    return int(ops.convert_to_numpy(inputs["padding_mask"]).sum(axis=-1).min())
 
 
 def program_for(causal_lm, programs, inputs, stop_token_ids):

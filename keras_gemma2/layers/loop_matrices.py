@@ -171,8 +171,9 @@ def feed_forward_matrices(feed_forward, dtype, part="all"):
         return None
     if keras.backend.standardize_dtype(layers[0].kernel.dtype) == dtype:
         return None
-    names = () if part == "views" else ("gate", "up", "down")
-    pairs = zip(names, layers, strict=False)
+    if part == "views":
+        return {}
+    pairs = zip(("gate", "up", "down"), layers, strict=True)
     return {name: ops.cast(layer.kernel, dtype) for name, layer in pairs}
 
 
