@@ -105,7 +105,7 @@ def prefill_and_choose(
         its prompt is longer); `matrices` a tuple of dicts of tensors.
     """
     matrices = _loop_matrices(causal_lm, "copies")
-    with _carrying(*_carried_pairs(causal_lm, _with_views(causal_lm, matrices))):
+    with _carrying(*_program_matrices(causal_lm, matrices)):
         state, hidden_states = _prefill_hidden(
             causal_lm, token_ids, padding_mask, prefill_length
         )
@@ -251,11 +251,9 @@ def decode_segment(
     if last_index is not None:
         limit = ops.minimum(last_index, limit)
 
-    if matrices is None:
-        matrices = _loop_matrices(causal_lm) if last_index is None else ()
-    elif matrices:
-        matrices = _with_views(causal_lm, matrices)
-    layers, matrices = _carried_pairs(causal_lm, matrices) if matrices else ((), ())
+    if matrices is None and last_index is None:
+        matrices = _loop_matrices(causal_lm, "copies")
+    layers, matrices = _program_matrices(causal_lm, matrices)
 
     def cond(prompt, caches, index, done, matrices):
         return ops.logical_and(index <= limit, ops.logical_not(ops.all(done)))
@@ -299,7 +297,7 @@ def _loop_candidates(causal_lm):
     return candidates
 
 
-def _loop_matrices(causal_lm, part="all"):
+def _loop_matrices(causal_lm, part):
     """One entry per `_loop_candidates` layer: its matrices, or `None` (it
     does not qualify: LoRA, quantized, ...). `part` as in
     `loop_matrices.matrices`."""
@@ -308,27 +306,25 @@ def _loop_matrices(causal_lm, part="all"):
     return tuple(build(layer, dtype, part) for layer, build in candidates)
 
 
-def _with_views(causal_lm, copies):
-    """The matrices handed to a program (`copies`), completed with its views.
+def _program_matrices(causal_lm, copies):
+    """`(layers, matrices)` a program runs through, from the `copies` handed
+    to it (`_loop_matrices(..., "copies")`; `None` or empty: none).
 
-    Reshapes of the kernels cost nothing inside a program but a copy each
-    when a program returns them, so they are built where they are used.
+    Each layer handed copies gets them completed with its views, built
+    here: reshapes of the kernels cost nothing inside a program but a copy
+    each when a program returns them. Layers handed `None` read their own
+    kernels.
     """
-    views = _loop_matrices(causal_lm, "views")
-    return tuple(
-        None if copied is None else {**view, **copied}
-        for view, copied in zip(views, copies, strict=True)
-    )
-
-
-def _carried_pairs(causal_lm, matrices):
-    """`(layers, their matrices)`: the entries of `matrices` that are not `None`."""
-    pairs = [
-        (layer, found)
-        for (layer, _), found in zip(_loop_candidates(causal_lm), matrices, strict=True)
-        if found is not None
-    ]
-    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    if not copies:
+        return (), ()
+    dtype = _loop_dtype(causal_lm.backbone)
+    layers, matrices = [], []
+    candidates = _loop_candidates(causal_lm)
+    for (layer, build), copied in zip(candidates, copies, strict=True):
+        if copied is not None:
+            layers.append(layer)
+            matrices.append({**build(layer, dtype, "views"), **copied})
+    return tuple(layers), tuple(matrices)
 
 
 def _loop_dtype(backbone):
