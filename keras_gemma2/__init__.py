@@ -76,6 +76,14 @@ def _is_cli_process(argv):
 
 
 if not _is_cli_process(getattr(sys, "orig_argv", ())):
+    import keras as _keras
+
+    from keras_gemma2.generation.host_memory import keep_freed_host_memory
+
+    # Before anything runs on JAX: XLA's worker threads take their malloc
+    # arenas on their first allocation (generation/host_memory.py).
+    keep_freed_host_memory(_keras.config.backend())
+    del _keras, keep_freed_host_memory
     for _name in _PUBLIC:
         __getattr__(_name)
     del _name

@@ -721,6 +721,9 @@ def start_backend(args, argv):
         raise BackendNotInstalled(
             backend, f"failed to import ({_one_line(error)})"
         ) from error
+    from keras_gemma2.generation.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory(backend)
     if cache and backend == "jax":
         _jax_compile_cache()
     if not args.verbose:
