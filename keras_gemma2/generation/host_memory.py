@@ -62,6 +62,8 @@ import ctypes
 import os
 import sys
 
+from keras_gemma2.generation.switches import switched_on
+
 ENVIRONMENT_VARIABLE = "KERAS_GEMMA2_KEEP_HOST_MEMORY"
 
 # `mallopt` parameters, from glibc's <malloc.h>.
@@ -71,21 +73,6 @@ _M_ARENA_MAX = -8
 
 # Freed memory at the top of the heap beyond this goes back to the system.
 TRIM_THRESHOLD_BYTES = 2**31 - 1
-
-
-def _enabled():
-    """`KERAS_GEMMA2_KEEP_HOST_MEMORY`: unset, empty or `1` on, `0` off.
-
-    Any other value is refused, not read as either.
-    """
-    value = os.environ.get(ENVIRONMENT_VARIABLE) or "1"
-    if value not in ("0", "1"):
-        raise ValueError(
-            "Received an invalid value for the environment variable "
-            f"{ENVIRONMENT_VARIABLE}, expected '0' (off) or '1' (on, the "
-            f"default). Received: {value!r}"
-        )
-    return value == "1"
 
 
 def _jax_on_cpu_alone():
@@ -132,7 +119,9 @@ def keep_freed_host_memory(backend):
     >>> keep_freed_host_memory("tensorflow")
     False
     """
-    if not _enabled() or backend != "jax" or not _jax_on_cpu_alone():
+    if not switched_on(ENVIRONMENT_VARIABLE) or backend != "jax":
+        return False
+    if not _jax_on_cpu_alone():
         return False
     libc = _glibc()
     if libc is None:

@@ -42,8 +42,9 @@ import ctypes
 import functools
 import math
 import mmap
-import os
 import sys
+
+from keras_gemma2.generation.switches import switched_on
 
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
@@ -75,13 +76,7 @@ def enabled():
     `KERAS_GEMMA2_HUGE_PAGES`: unset, empty or `1` to ask, `0` not to; any
     other value is refused, not read as either.
     """
-    value = os.environ.get(VARIABLE) or "1"
-    if value not in ("0", "1"):
-        raise ValueError(
-            f"Received an invalid value for the environment variable {VARIABLE}, "
-            f"expected '0' (off) or '1' (on, the default). Received: {value!r}"
-        )
-    return value == "1" and huge_page_size() > 0
+    return switched_on(VARIABLE) and huge_page_size() > 0
 
 
 @functools.cache

@@ -80,17 +80,32 @@ def test_jax_programs_reuse_their_working_memory():
         print(f"MEASURED control faults per run: {control} (THP always)")
 
 
-def test_only_jax_on_cpu_is_changed(monkeypatch):
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """The `(parameter, value)` of every `mallopt` call, glibc stood in for.
+
+    JAX counts as on CPU alone and the switch starts unset; a call returns
+    what `refused` (a set of parameters) says: 0 for those, else 1.
+    """
     monkeypatch.delenv(host_memory.ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    calls = []
+
+    class Calls(list):
+        refused = frozenset()
+
+    calls = Calls()
 
     class Recorder:
         def mallopt(self, parameter, value):
             calls.append((parameter, value))
-            return 1
+            return 0 if parameter in calls.refused else 1
 
     monkeypatch.setattr(host_memory, "_glibc", Recorder)
+    return calls
+
+
+def test_only_jax_on_cpu_is_changed(monkeypatch, mallopt_calls):
+    calls = mallopt_calls
     assert host_memory.keep_freed_host_memory("tensorflow") is False
     assert host_memory.keep_freed_host_memory("torch") is False
     assert calls == []
@@ -103,31 +118,15 @@ def test_only_jax_on_cpu_is_changed(monkeypatch):
     assert calls == []
 
 
-def test_turned_off_and_refused_values(monkeypatch):
-    calls = []
-
-    class Recorder:
-        def mallopt(self, parameter, value):
-            calls.append((parameter, value))
-            return 1
-
-    monkeypatch.setattr(host_memory, "_glibc", Recorder)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+def test_turned_off_and_refused_values(monkeypatch, mallopt_calls):
     monkeypatch.setenv(host_memory.ENVIRONMENT_VARIABLE, "0")
     assert host_memory.keep_freed_host_memory("jax") is False
-    assert calls == []
+    assert mallopt_calls == []
     monkeypatch.setenv(host_memory.ENVIRONMENT_VARIABLE, "yes")
     with pytest.raises(ValueError, match="KERAS_GEMMA2_KEEP_HOST_MEMORY.*'yes'"):
         host_memory.keep_freed_host_memory("jax")
 
 
-def test_a_refused_setting_is_reported(monkeypatch):
-    monkeypatch.delenv(host_memory.ENVIRONMENT_VARIABLE, raising=False)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-
-    class Refusing:
-        def mallopt(self, parameter, value):
-            return 0 if parameter == -4 else 1
-
-    monkeypatch.setattr(host_memory, "_glibc", Refusing)
+def test_a_refused_setting_is_reported(mallopt_calls):
+    mallopt_calls.refused = {-4}  # M_MMAP_MAX
     assert host_memory.keep_freed_host_memory("jax") is False
