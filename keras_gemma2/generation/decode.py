@@ -196,7 +196,11 @@ def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_i
         `(prompt, done, token [batch])`.
     """
     probabilities = sampler.compute_probabilities(logits)
-    token = ops.cast(sampler.get_next_token(probabilities), prompt.dtype)
+    if plain_greedy(sampler):
+        token = first_max_index(probabilities)
+    else:
+        token = sampler.get_next_token(probabilities)
+    token = ops.cast(token, prompt.dtype)
     # Gathers, not `[:, index]`: TensorFlow's XLA bridge wants a strided
     # slice's bounds as compile-time constants and would recompile the step
     # for every index.
@@ -207,6 +211,50 @@ def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_i
         stopped = _any_equal(token, stop_token_ids)
         done = ops.logical_or(done, ops.logical_and(stopped, ops.logical_not(forced)))
     return prompt, done, token
+
+
+def plain_greedy(sampler):
+    """Whether `sampler` is KerasHub's `GreedySampler`, its arithmetic unchanged.
+
+    Its pick is then `argmax(softmax(logits / temperature))` in float32
+    (`Sampler.compute_probabilities`, `GreedySampler.get_next_token`), which
+    `first_max_index` and `torch_decode.greedy_token` compute faster.
+    """
+    import keras_hub
+
+    greedy = keras_hub.samplers.GreedySampler
+    kind = type(sampler)
+    return (
+        issubclass(kind, greedy)
+        and kind.get_next_token is greedy.get_next_token
+        and kind.compute_probabilities is greedy.compute_probabilities
+    )
+
+
+def first_max_index(values):
+    """`ops.argmax(values, axis=-1)` as two plain reductions: int32 `[...]`.
+
+    The first index of the largest value, or of the first NaN where a row
+    has one (numpy's `argmax`). XLA (CPU) compiles an argmax to one reduce
+    over (value, index) pairs that it does not vectorize: 144 us a token on
+    a 32000-entry vocabulary in a jax profile of the mid model's decode
+    loop. A max, then the smallest index that holds it, took 225 -> 75 us a
+    token for the whole pick (soft cap, softmax and argmax) in a `jax.jit`
+    loop (`docs/decode_speed.md`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> values = np.array([[0.1, 0.7, 0.7], [0.2, np.nan, 0.9]], "float32")
+    >>> ops.convert_to_numpy(first_max_index(values)).tolist()
+    [1, 1]
+    """
+    values = ops.convert_to_tensor(values)
+    size = values.shape[-1]
+    top = ops.max(values, axis=-1, keepdims=True)
+    hit = ops.logical_or(ops.equal(values, top), ops.isnan(values))
+    positions = ops.arange(size, dtype="int32")
+    return ops.min(ops.where(hit, positions, size), axis=-1)
 
 
 def step_with_prefix(
@@ -280,8 +328,9 @@ def _loop_candidates(causal_lm):
     See `layers.loop_matrices`: on XLA (jax, tensorflow) on one CPU device,
     where they were measured; elsewhere (other devices, a
     `keras.distribution`, torch) none, and the layers read their kernels.
-    Every attention layer; with bfloat16 compute (`_loop_dtype`) also the
-    feed-forward layers and the tied head, converted to float32.
+    Every attention layer and the tied head (its table as `[hidden,
+    vocabulary]` columns); with bfloat16 compute (`_loop_dtype`) also the
+    feed-forward layers, all converted to float32.
     """
     if keras.distribution.distribution() is not None or not _xla_on_cpu():
         return []
@@ -292,8 +341,7 @@ def _loop_candidates(causal_lm):
         candidates.append((block.attention, loop_matrices.matrices))
         if converted:
             candidates.append((block.ffw, loop_matrices.feed_forward_matrices))
-    if converted:
-        candidates.append((backbone.token_embedding, loop_matrices.head_matrices))
+    candidates.append((backbone.token_embedding, loop_matrices.head_matrices))
     return candidates
 
 

@@ -189,19 +189,6 @@ def start(causal_lm, token_ids, padding_mask, prefill_length):
     return (token_ids, decoder.caches, index, done), decoder
 
 
-def _greedy(sampler):
-    """Whether `sampler` is KerasHub's `GreedySampler`, its arithmetic unchanged."""
-    import keras_hub
-
-    greedy = keras_hub.samplers.GreedySampler
-    kind = type(sampler)
-    return (
-        issubclass(kind, greedy)
-        and kind.get_next_token is greedy.get_next_token
-        and kind.compute_probabilities is greedy.compute_probabilities
-    )
-
-
 def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_ids):
     """`decode.choose_token` for an int `index`, raw torch calls when greedy.
 
@@ -214,7 +201,7 @@ def choose_token(sampler, logits, prompt, prompt_mask, index, done, stop_token_i
     `decode.choose_token`. `tests/generation/test_torch_decode.py` holds
     both to the same tokens, prompts and `done`.
     """
-    if not _greedy(sampler):
+    if not decode.plain_greedy(sampler):
         return decode.choose_token(
             sampler, logits, prompt, prompt_mask, index, done, stop_token_ids
         )
@@ -847,7 +834,7 @@ class TorchDecoder:
                 logits = self.append(token, index - 1)
             else:
                 position = torch.tensor(index - 1, device=token.device)
-                if _greedy(sampler):
+                if decode.plain_greedy(sampler):
                     token = self._compiled(
                         token, position, global_span, sampler.temperature
                     )

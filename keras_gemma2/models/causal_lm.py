@@ -234,10 +234,9 @@ class Gemma2CausalLM(
         embedding = self.backbone.token_embedding
         carried = loop_matrices.lookup(embedding)  # set inside generation
         if carried is not None:
-            table = carried["table"]
-            rows = ops.cast(hidden_states, table.dtype)
-            logits = last_axis_product("btd,vd->btv", rows, table)
-            logits = ops.cast(logits, hidden_states.dtype)
+            columns = carried["columns"]  # [D, V]
+            rows = ops.cast(hidden_states, columns.dtype)
+            logits = ops.cast(ops.matmul(rows, columns), hidden_states.dtype)
         elif embedding.quantization_mode is None:
             # Contracting the table's own last axis lets XLA read it in place;
             # `reverse=True` transposes it first, and XLA copies all of it at

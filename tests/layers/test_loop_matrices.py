@@ -134,13 +134,15 @@ def test_kernels_cast_to_the_compute_dtype_are_not_carried():
     keras.config.backend() == "torch",
     reason="torch decodes with TorchDecoder, which carries nothing",
 )
-def test_compiled_decode_loops_carry_every_attention_layer(monkeypatch):
+def test_compiled_decode_loops_carry_every_attention_layer_and_the_head(
+    monkeypatch,
+):
     from tests.generation.test_generate import make_causal_lm
 
     causal_lm = make_causal_lm()
-    attention_layers = {
-        id(block.attention) for block in causal_lm.backbone.transformer_layers
-    }
+    backbone = causal_lm.backbone
+    expected = {id(block.attention) for block in backbone.transformer_layers}
+    expected.add(id(backbone.token_embedding))
     hits = set()
     lookup = loop_matrices.lookup
 
@@ -158,7 +160,7 @@ def test_compiled_decode_loops_carry_every_attention_layer(monkeypatch):
         },
         stop_token_ids=None,
     )
-    assert hits == attention_layers
+    assert hits == expected
 
 
 def _names(found):
@@ -244,7 +246,7 @@ def test_feed_forward_through_carried_matrices_matches_numpy():
     )
 
 
-def test_head_through_a_carried_float32_table():
+def _bfloat16_causal_lm():
     from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
     from tests.generation.test_generate import make_causal_lm
 
@@ -252,22 +254,60 @@ def test_head_through_a_carried_float32_table():
     config = {**float32_lm.backbone.get_config(), "dtype": "bfloat16"}
     causal_lm = Gemma2CausalLM(Gemma2Backbone.from_config(config))
     causal_lm.set_weights(float32_lm.get_weights())
-    embedding = causal_lm.backbone.token_embedding
-    found = loop_matrices.head_matrices(embedding, "float32")
-    table = ops.convert_to_numpy(found["table"])
+    return causal_lm
+
+
+def test_head_columns_are_the_table_transposed(monkeypatch):
+    from tests.generation.test_generate import make_causal_lm
+
+    embedding = make_causal_lm().backbone.token_embedding
+    table = ops.convert_to_numpy(embedding.embeddings)
+    found = loop_matrices.head_matrices(embedding, None)
+    np.testing.assert_array_equal(ops.convert_to_numpy(found["columns"]), table.T)
+    assert loop_matrices.head_matrices(embedding, None, part="views") == {}
+    # Kept in its own dtype, the copy is extra memory: only up to the limit.
+    monkeypatch.setattr(loop_matrices, "HEAD_COPY_LIMIT_BYTES", table.nbytes - 1)
+    assert loop_matrices.head_matrices(embedding, None) is None
+    assert loop_matrices.head_matrices(embedding, "float32") is None
+    # A bfloat16 table converted to float32 is a copy anyway: no limit.
+    bfloat16_embedding = _bfloat16_causal_lm().backbone.token_embedding
+    converted = loop_matrices.head_matrices(bfloat16_embedding, "float32")
     np.testing.assert_array_equal(
-        table, ops.convert_to_numpy(ops.cast(embedding.embeddings, "float32"))
+        ops.convert_to_numpy(converted["columns"]),
+        ops.convert_to_numpy(ops.cast(bfloat16_embedding.embeddings, "float32")).T,
     )
-    assert loop_matrices.head_matrices(embedding, "bfloat16") is None
-    hidden = ops.cast(inputs(batch=1, length=2, hidden=table.shape[1]), "bfloat16")
-    with loop_matrices.carried({id(embedding): {"table": table * 2}}):
+
+
+def test_quantized_head_is_not_carried():
+    from tests.generation.test_generate import make_causal_lm
+
+    causal_lm = make_causal_lm()
+    causal_lm.quantize("int8")
+    embedding = causal_lm.backbone.token_embedding
+    assert loop_matrices.head_matrices(embedding, None) is None
+    assert loop_matrices.head_matrices(embedding, "float32") is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_through_carried_columns(dtype):
+    causal_lm = _bfloat16_causal_lm() if dtype == "bfloat16" else None
+    if causal_lm is None:
+        from tests.generation.test_generate import make_causal_lm
+
+        causal_lm = make_causal_lm()
+    embedding = causal_lm.backbone.token_embedding
+    table = ops.convert_to_numpy(ops.cast(embedding.embeddings, "float32"))
+    hidden = ops.cast(inputs(batch=1, length=2, hidden=table.shape[1]), dtype)
+    # The carried columns, doubled, so reading the table itself fails.
+    with loop_matrices.carried({id(embedding): {"columns": table.T * 2}}):
         actual = ops.convert_to_numpy(
             ops.cast(causal_lm.head_logits(hidden), "float32")
         )
     rows = ops.convert_to_numpy(ops.cast(hidden, "float32")).astype("float64")
     cap = causal_lm.backbone.final_logit_soft_cap
     expected = cap * np.tanh(rows @ (table.astype("float64") * 2).T / cap)
-    np.testing.assert_allclose(actual, expected, atol=0.02 * cap)
+    tolerance = 0.02 * cap if dtype == "bfloat16" else 1e-4 * cap
+    np.testing.assert_allclose(actual, expected, atol=tolerance)
     undoubled = cap * np.tanh(rows @ table.astype("float64").T / cap)
     assert np.abs(actual - undoubled).max() > 0.1
 
