@@ -9,6 +9,8 @@ most `2 p` global slots and `sliding_window_size` local slots, never all of
 `max_length`.
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -335,13 +337,17 @@ def _loop_candidates(causal_lm):
     if keras.distribution.distribution() is not None or not _xla_on_cpu():
         return []
     backbone = causal_lm.backbone
-    converted = _loop_dtype(backbone) is not None
+    limit = loop_matrices.LAYOUT_COPY_LIMIT_BYTES
+    relayout = loop_matrices.layout_copy_bytes(backbone) <= limit
+    feed_forward = functools.partial(
+        loop_matrices.feed_forward_matrices, relayout=relayout
+    )
+    head = functools.partial(loop_matrices.head_matrices, relayout=relayout)
     candidates = []
     for block in backbone.transformer_layers:
         candidates.append((block.attention, loop_matrices.matrices))
-        if converted:
-            candidates.append((block.ffw, loop_matrices.feed_forward_matrices))
-    candidates.append((backbone.token_embedding, loop_matrices.head_matrices))
+        candidates.append((block.ffw, feed_forward))
+    candidates.append((backbone.token_embedding, head))
     return candidates
 
 

@@ -63,7 +63,11 @@ class Gemma2FeedForward(keras.layers.Layer):
             product = loop_matrices.product(rows, carried[name])
             return ops.reshape(product, (*shape[:-1], -1))
 
-        return through(geglu(through(x, "gate"), through(x, "up")), "down")
+        gated = geglu(through(x, "gate"), through(x, "up"))
+        if "down_rows" in carried:
+            product = loop_matrices.row_product(gated, carried["down_rows"])
+            return ops.reshape(product, (*shape[:-1], -1))
+        return through(gated, "down")
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -42,16 +42,21 @@ tied embedding; generation builds them once per call, in its prefill
 dtype, as the layers' own do: one row, case (a), bfloat16, jax 780 -> 630
 ms a call, TensorFlow 728 -> 552 ms.
 
-The tied head: its `[vocabulary, hidden]` table, contracted over its last
-axis, is a product XLA (CPU) streams at 26 GB/s one row at a time; the
-same table stored transposed, `[hidden, vocabulary]`, streams at 34-35
-(jax 0.10, mid model's `[32000, 512]`, float32). So `head_matrices` hands
-generation the table as columns, made once per call in the prefill: for
-bfloat16 tables as part of the float32 conversion (no extra memory), for
-tables kept in their dtype only up to `HEAD_COPY_LIMIT_BYTES`, since the
-copy lives for the call (Gemma 2 2B's float32 table, 2.4 GB, keeps being
-read in place). The transposition costs 3.5 ms a call on the mid model;
-the head's product went 2.6 -> 2.1 ms a token in a jax profile.
+The tied head and the feed-forward's down kernels: XLA (CPU) streams a
+one-row product fastest when the matrix is stored with the wider of its
+two axes last. The tied `[vocabulary, hidden]` table, contracted over its
+last axis, streamed at 26 GB/s and the same table stored `[hidden,
+vocabulary]` at 34-35; a `[2048, 512]` down kernel as stored at 20-21 GB/s
+and transposed, contracted over its last axis, at 33-35 (jax 0.10, mid
+model, float32, `jax.jit` chains). So `head_matrices` hands generation the
+table as columns and `feed_forward_matrices` the down kernels as rows, made
+once per call in the prefill: within the float32 conversion of bfloat16
+kernels (no extra memory), and for kernels kept in their dtype only while
+all those copies together (`layout_copy_bytes`) fit
+`LAYOUT_COPY_LIMIT_BYTES`, since they live for the call (the mid model's
+come to 99 MB; Gemma 2 2B's float32 ones, 4.6 GB, are read in place).
+Case (a), float32, one process alternating: jax 527 -> 505 ms, TensorFlow
+532 -> 491 ms for the down kernels (`docs/decode_speed.md`).
 """
 
 import contextlib
@@ -61,6 +66,7 @@ import threading
 import keras
 from keras import ops
 
+from keras_gemma2.layers.last_axis_product import last_axis_product
 from keras_gemma2.layers.projection import linear_einsum
 
 # The largest fused query-key-value matrix, in bytes. Fusing helps matrices
@@ -69,10 +75,12 @@ from keras_gemma2.layers.projection import linear_einsum
 # larger ones (Gemma 2 2B's are 19 MiB in float32) keep their own products.
 FUSE_LIMIT_BYTES = 8 * 1024 * 1024
 
-# The largest tied-embedding table copied as `[hidden, vocabulary]` columns
-# for a call when its dtype needs no conversion (a bfloat16 table converted
-# to float32 is a copy anyway, transposed or not).
-HEAD_COPY_LIMIT_BYTES = 256 * 1024 * 1024
+# The most bytes a generation call copies to read kernels kept in their own
+# dtype in a faster layout (`layout_copy_bytes`: the tied head's table as
+# columns, the feed-forward's down kernels as rows). The copies live for the
+# call. Converted kernels (bfloat16 to float32) are copies anyway and take
+# the faster layout whatever their size.
+LAYOUT_COPY_LIMIT_BYTES = 256 * 1024 * 1024
 
 # Bytes per element of the kernel dtypes that qualify.
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -157,14 +165,18 @@ def matrices(attention, dtype=None, part="all"):
     return result
 
 
-def feed_forward_matrices(feed_forward, dtype, part="all"):
-    """A `Gemma2FeedForward`'s kernels converted to `dtype`, or `None`.
+def feed_forward_matrices(feed_forward, dtype, part="all", relayout=False):
+    """A `Gemma2FeedForward`'s kernels for a decode loop, or `None`.
 
-    Returns `{"gate", "up", "down"}` (the kernels, each 2-D already), or
-    `None` when a kernel does not qualify or is already in `dtype`: read as
-    stored, they need no carrying (a fused gate-and-up matrix measured no
-    faster in a jax decode loop). All three are copies: `part="views"`
-    gives `{}`.
+    Returns `{"gate", "up", "down_rows"}`: the gate and up kernels (2-D
+    already) and the down kernel transposed, `[hidden, intermediate]`, which
+    XLA (CPU) streams faster one row at a time (`[2048, 512]` in a `jax.jit`
+    chain: 198-209 us as stored, 121-128 us transposed). `dtype`: all three
+    converted to it; `None` (or the kernels' dtype) keeps theirs, and then
+    only with `relayout` (see `LAYOUT_COPY_LIMIT_BYTES`), since the
+    transposed kernel is then a copy of its own. `None` when a kernel is not
+    read as stored (LoRA, quantized). `part="copies"`: only the copies (all
+    three when converted, else `"down_rows"`); `"views"`: the rest.
 
     Example:
 
@@ -175,7 +187,7 @@ def feed_forward_matrices(feed_forward, dtype, part="all"):
     >>> _ = feed_forward(x)
     >>> found = feed_forward_matrices(feed_forward, "float32")
     >>> sorted(found), keras.backend.standardize_dtype(found["gate"].dtype)
-    (['down', 'gate', 'up'], 'float32')
+    (['down_rows', 'gate', 'up'], 'float32')
     >>> to_numpy = keras.ops.convert_to_numpy
     >>> with carried({id(feed_forward): found}):
     ...     through_matrices = to_numpy(feed_forward(x))
@@ -185,21 +197,36 @@ def feed_forward_matrices(feed_forward, dtype, part="all"):
     layers = (feed_forward.gate_dense, feed_forward.up_dense, feed_forward.down_dense)
     if not all(_plain_kernel(layer) for layer in layers):
         return None
-    if keras.backend.standardize_dtype(layers[0].kernel.dtype) == dtype:
-        return None
+    stored = keras.backend.standardize_dtype(layers[0].kernel.dtype)
+    gate, up, down = layers
+    if dtype is None or dtype == stored:
+        if not relayout:
+            return None
+        views = {
+            "gate": ops.convert_to_tensor(gate.kernel),
+            "up": ops.convert_to_tensor(up.kernel),
+        }
+        if part == "views":
+            return views
+        copies = {"down_rows": ops.transpose(down.kernel)}
+        return copies if part == "copies" else {**views, **copies}
     if part == "views":
         return {}
-    pairs = zip(("gate", "up", "down"), layers, strict=True)
-    return {name: ops.cast(layer.kernel, dtype) for name, layer in pairs}
+    return {
+        "gate": ops.cast(gate.kernel, dtype),
+        "up": ops.cast(up.kernel, dtype),
+        "down_rows": ops.transpose(ops.cast(down.kernel, dtype)),
+    }
 
 
-def head_matrices(embedding, dtype, part="all"):
+def head_matrices(embedding, dtype, part="all", relayout=False):
     """A tied embedding's table as `[hidden, vocabulary]` columns, or `None`.
 
     Returns `{"columns": [hidden, vocabulary]}`, the table transposed (and
     converted to `dtype`; `None` keeps its own), or `None` when the table is
-    quantized, not a float in `_ITEMSIZE`, or, kept in its own dtype, larger
-    than `HEAD_COPY_LIMIT_BYTES`. It is a copy: `part="views"` gives `{}`.
+    quantized, not a float in `_ITEMSIZE`, or kept in its own dtype without
+    `relayout` (see `LAYOUT_COPY_LIMIT_BYTES`). It is a copy: `part="views"`
+    gives `{}`.
     """
     if embedding.quantization_mode is not None:
         return None
@@ -207,13 +234,34 @@ def head_matrices(embedding, dtype, part="all"):
     table_dtype = keras.backend.standardize_dtype(table.dtype)
     if table_dtype not in _ITEMSIZE:
         return None
-    if dtype is None or dtype == table_dtype:
-        size = math.prod(table.shape) * _ITEMSIZE[table_dtype]
-        if size > HEAD_COPY_LIMIT_BYTES:
-            return None
+    if (dtype is None or dtype == table_dtype) and not relayout:
+        return None
     if part == "views":
         return {}
     return {"columns": ops.transpose(_convert(table, dtype))}
+
+
+def layout_copy_bytes(backbone):
+    """Bytes of the copies that read a backbone's tied head and down kernels
+    in the faster layout (`head_matrices`, `feed_forward_matrices`), as
+    stored; compared with `LAYOUT_COPY_LIMIT_BYTES`.
+
+    Example:
+
+    >>> from keras_gemma2 import Gemma2Backbone
+    >>> backbone = Gemma2Backbone(vocabulary_size=64, num_layers=2,
+    ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=8,
+    ...     intermediate_dim=16, head_dim=4)
+    >>> layout_copy_bytes(backbone) == (64 * 8 + 2 * 16 * 8) * 4
+    True
+    """
+    kernels = [backbone.token_embedding.embeddings]
+    kernels += [block.ffw.down_dense.kernel for block in backbone.transformer_layers]
+    # Kernels not in a float dtype (quantized) are not copied.
+    return sum(
+        math.prod(k.shape) * _ITEMSIZE.get(keras.backend.standardize_dtype(k.dtype), 0)
+        for k in kernels
+    )
 
 
 @contextlib.contextmanager
@@ -241,6 +289,14 @@ def lookup(layer):
     return mapping.get(id(layer))
 
 
+def row_product(x, rows):
+    """`x`'s rows times `rows` transposed: `rows` is `[out, in]`, contracted
+    over its last axis. Runs in `rows`' dtype and returns `x`'s."""
+    flat = ops.reshape(x, (-1, x.shape[-1]))
+    flat = ops.cast(flat, rows.dtype)
+    return ops.cast(last_axis_product("rd,od->ro", flat, rows), x.dtype)
+
+
 def product(x, matrix, axes=1):
     """`x`'s rows times `matrix`: `[rows, matrix columns]`, one 2-D product.
 
@@ -253,11 +309,13 @@ def product(x, matrix, axes=1):
 
 __all__ = [
     "FUSE_LIMIT_BYTES",
-    "HEAD_COPY_LIMIT_BYTES",
+    "LAYOUT_COPY_LIMIT_BYTES",
     "carried",
     "feed_forward_matrices",
     "head_matrices",
+    "layout_copy_bytes",
     "lookup",
     "matrices",
     "product",
+    "row_product",
 ]

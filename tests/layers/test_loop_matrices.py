@@ -134,22 +134,29 @@ def test_kernels_cast_to_the_compute_dtype_are_not_carried():
     keras.config.backend() == "torch",
     reason="torch decodes with TorchDecoder, which carries nothing",
 )
+@pytest.mark.parametrize("fits", [True, False])
 def test_compiled_decode_loops_carry_every_attention_layer_and_the_head(
-    monkeypatch,
+    monkeypatch, fits
 ):
+    """Attention always; the tied head and the feed-forward layers (read
+    through transposed copies) while those copies fit the limit."""
     from tests.generation.test_generate import make_causal_lm
 
     causal_lm = make_causal_lm()
     backbone = causal_lm.backbone
     expected = {id(block.attention) for block in backbone.transformer_layers}
-    expected.add(id(backbone.token_embedding))
+    if fits:
+        expected.add(id(backbone.token_embedding))
+        expected |= {id(block.ffw) for block in backbone.transformer_layers}
+    limit = loop_matrices.layout_copy_bytes(backbone) - (0 if fits else 1)
+    monkeypatch.setattr(loop_matrices, "LAYOUT_COPY_LIMIT_BYTES", limit)
     hits = set()
     lookup = loop_matrices.lookup
 
-    def spy(attention):
-        found = lookup(attention)
+    def spy(layer):
+        found = lookup(layer)
         if found is not None:
-            hits.add(id(attention))
+            hits.add(id(layer))
         return found
 
     monkeypatch.setattr(loop_matrices, "lookup", spy)
@@ -204,19 +211,37 @@ def _bfloat16_feed_forward():
 def test_feed_forward_matrices_are_its_kernels_in_float32():
     layer = _bfloat16_feed_forward()
     found = loop_matrices.feed_forward_matrices(layer, "float32")
-    assert set(found) == {"gate", "up", "down"}
-    for name, dense in (
-        ("gate", layer.gate_dense),
-        ("up", layer.up_dense),
-        ("down", layer.down_dense),
+    assert set(found) == {"gate", "up", "down_rows"}
+    for name, expected in (
+        ("gate", kernel(layer.gate_dense)),
+        ("up", kernel(layer.up_dense)),
+        ("down_rows", kernel(layer.down_dense).T),
     ):
         matrix = ops.convert_to_numpy(found[name])
         assert matrix.dtype == np.float32
-        np.testing.assert_array_equal(matrix, kernel(dense).astype("float32"))
-    # Nothing to convert, or not read as stored: not carried.
+        np.testing.assert_array_equal(matrix, expected.astype("float32"))
+    # Converted, all three are copies.
+    copies = loop_matrices.feed_forward_matrices(layer, "float32", part="copies")
+    assert set(copies) == {"gate", "up", "down_rows"}
+    assert loop_matrices.feed_forward_matrices(layer, "float32", part="views") == {}
+    # Nothing to convert: carried only to read the down kernel transposed.
     assert loop_matrices.feed_forward_matrices(layer, "bfloat16") is None
+    kept = loop_matrices.feed_forward_matrices(layer, None, relayout=True)
+    assert set(kept) == {"gate", "up", "down_rows"}
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(ops.cast(kept["down_rows"], "float32")),
+        kernel(layer.down_dense).T.astype("float32"),
+    )
+    assert set(
+        loop_matrices.feed_forward_matrices(layer, None, part="copies", relayout=True)
+    ) == {"down_rows"}
+    assert set(
+        loop_matrices.feed_forward_matrices(layer, None, part="views", relayout=True)
+    ) == {"gate", "up"}
+    # Not read as stored: not carried.
     layer.up_dense.enable_lora(2)
     assert loop_matrices.feed_forward_matrices(layer, "float32") is None
+    assert loop_matrices.feed_forward_matrices(layer, None, relayout=True) is None
 
 
 def _numpy_feed_forward(layer, x, scale):
@@ -257,19 +282,39 @@ def _bfloat16_causal_lm():
     return causal_lm
 
 
-def test_head_columns_are_the_table_transposed(monkeypatch):
+def test_float32_feed_forward_through_carried_rows_matches_numpy():
+    from keras_gemma2.layers import Gemma2FeedForward
+
+    layer = Gemma2FeedForward(intermediate_dim=24, kernel_initializer="random_normal")
+    x = inputs()
+    layer(x)
+    found = loop_matrices.feed_forward_matrices(layer, None, relayout=True)
+    doubled = {name: ops.convert_to_numpy(m) * 2 for name, m in found.items()}
+    with loop_matrices.carried({id(layer): doubled}):
+        actual = ops.convert_to_numpy(layer(x))
+    expected = _numpy_feed_forward(
+        layer, ops.convert_to_numpy(x).astype("float64"), 2.0
+    )
+    np.testing.assert_allclose(
+        actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
+    undoubled = _numpy_feed_forward(layer, ops.convert_to_numpy(x), 1.0)
+    assert np.abs(actual - undoubled).max() > 0.3 * np.abs(expected).max()
+
+
+def test_head_columns_are_the_table_transposed():
     from tests.generation.test_generate import make_causal_lm
 
     embedding = make_causal_lm().backbone.token_embedding
     table = ops.convert_to_numpy(embedding.embeddings)
-    found = loop_matrices.head_matrices(embedding, None)
+    found = loop_matrices.head_matrices(embedding, None, relayout=True)
     np.testing.assert_array_equal(ops.convert_to_numpy(found["columns"]), table.T)
-    assert loop_matrices.head_matrices(embedding, None, part="views") == {}
-    # Kept in its own dtype, the copy is extra memory: only up to the limit.
-    monkeypatch.setattr(loop_matrices, "HEAD_COPY_LIMIT_BYTES", table.nbytes - 1)
+    views = loop_matrices.head_matrices(embedding, None, part="views", relayout=True)
+    assert views == {}
+    # Kept in its own dtype, the copy is extra memory: only with `relayout`.
     assert loop_matrices.head_matrices(embedding, None) is None
     assert loop_matrices.head_matrices(embedding, "float32") is None
-    # A bfloat16 table converted to float32 is a copy anyway: no limit.
+    # A bfloat16 table converted to float32 is a copy anyway.
     bfloat16_embedding = _bfloat16_causal_lm().backbone.token_embedding
     converted = loop_matrices.head_matrices(bfloat16_embedding, "float32")
     np.testing.assert_array_equal(
@@ -278,13 +323,26 @@ def test_head_columns_are_the_table_transposed(monkeypatch):
     )
 
 
+def test_layout_copy_bytes_counts_the_table_and_down_kernels():
+    from tests.generation.test_generate import make_causal_lm
+
+    causal_lm = make_causal_lm()
+    backbone = causal_lm.backbone
+    expected = ops.convert_to_numpy(backbone.token_embedding.embeddings).nbytes
+    for block in backbone.transformer_layers:
+        expected += kernel(block.ffw.down_dense).nbytes
+    assert loop_matrices.layout_copy_bytes(backbone) == expected
+    causal_lm.quantize("int8")
+    assert loop_matrices.layout_copy_bytes(backbone) == 0
+
+
 def test_quantized_head_is_not_carried():
     from tests.generation.test_generate import make_causal_lm
 
     causal_lm = make_causal_lm()
     causal_lm.quantize("int8")
     embedding = causal_lm.backbone.token_embedding
-    assert loop_matrices.head_matrices(embedding, None) is None
+    assert loop_matrices.head_matrices(embedding, None, relayout=True) is None
     assert loop_matrices.head_matrices(embedding, "float32") is None
 
 
