@@ -12,7 +12,10 @@ tensorflow in float, below), each backend with its own kernels and
 nothing else of the model (no attention, norms,
 sampling or dispatch of Keras layers), in the layouts our decoders use:
 layer kernels `[in, out]`, the head as `x @ embedding.T` over the stored
-`[vocabulary, hidden]` table.
+`[vocabulary, hidden]` table; except jax and tensorflow in float32 and
+bfloat16, whose decode loops read the down kernels as `[out, in]` rows and
+the table as `[hidden, vocabulary]` columns, copies made once per call
+(`keras_gemma2.layers.loop_matrices`), and so does this script.
 
 - jax: one token's products, 20 tokens in one `jax.jit` program, a loop
   whose every token's rows depend on all products of the one before (as
@@ -128,6 +131,23 @@ def weights(numpy_dtype):
     return kernels, (embedding * 0.02).astype(numpy_dtype)
 
 
+def relaid(kernels, embedding):
+    """`fused_qkv(kernels)` with each down kernel as `[out, in]` rows, and
+    the table as `[hidden, vocabulary]` columns: the XLA decode loops'
+    layouts. Returns `(kernels, is_rows, columns)`."""
+    import numpy as np
+
+    fused = fused_qkv(kernels)
+    is_rows = [
+        i % len(FUSED_GROUPS) == len(FUSED_GROUPS) - 1 for i in range(len(fused))
+    ]
+    fused = [
+        np.ascontiguousarray(k.T) if r else k
+        for k, r in zip(fused, is_rows, strict=True)
+    ]
+    return fused, is_rows, np.ascontiguousarray(embedding.T)
+
+
 def fused_qkv(kernels):
     """`weights()`' layer kernels with each layer's first three as one.
 
@@ -199,19 +219,22 @@ def jax_products(dtype, rows_in=1):
             return in_sequence(rows, steps, nudge)
 
     else:
-        kernels, embedding = weights("float32")
+        kernels, is_rows, columns = relaid(*weights("float32"))
         cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
         arguments = (
-            [jnp.asarray(k, cast) for k in fused_qkv(kernels)],
-            jnp.asarray(embedding, cast),
+            [jnp.asarray(k, cast) for k in kernels],
+            jnp.asarray(columns, cast),
         )
 
         def products(rows, arguments):
-            kernels, embedding = arguments
-            steps = [(k.shape[0], functools.partial(jnp.matmul, b=k)) for k in kernels]
-            # The decoder's form (`last_axis_product`): `x @ embedding.T`
-            # let XLA hoist a transposed copy of the table out of the loop.
-            steps.append((HEAD, lambda x: jnp.einsum("td,vd->tv", x, embedding)))
+            kernels, columns = arguments
+            steps = [
+                (k.shape[1], (lambda x, k=k: jnp.einsum("ti,oi->to", x, k)))
+                if r
+                else (k.shape[0], functools.partial(jnp.matmul, b=k))
+                for k, r in zip(kernels, is_rows, strict=True)
+            ]
+            steps.append((HEAD, functools.partial(jnp.matmul, b=columns)))
             return in_sequence(rows, steps, nudge, FUSED_GROUPS)
 
     input_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -277,19 +300,22 @@ def tensorflow_products(dtype, rows_in=1):
 
     else:
         cast = tf.bfloat16 if dtype == "bfloat16" else tf.float32
-        kernels, embedding = weights("float32")
+        kernels, is_rows, columns = relaid(*weights("float32"))
         arguments = (
-            [tf.cast(tf.constant(k), cast) for k in fused_qkv(kernels)],
-            tf.cast(tf.constant(embedding), cast),
+            [tf.cast(tf.constant(k), cast) for k in kernels],
+            tf.cast(tf.constant(columns), cast),
         )
         rows = {n: tf.cast(r, cast) for n, r in rows.items()}
 
         def products(rows, arguments):
-            kernels, embedding = arguments
-            steps = [(k.shape[0], functools.partial(tf.matmul, b=k)) for k in kernels]
-            steps.append(
-                (HEAD, functools.partial(tf.matmul, b=embedding, transpose_b=True))
-            )
+            kernels, columns = arguments
+            steps = [
+                (k.shape[1], functools.partial(tf.matmul, b=k, transpose_b=True))
+                if r
+                else (k.shape[0], functools.partial(tf.matmul, b=k))
+                for k, r in zip(kernels, is_rows, strict=True)
+            ]
+            steps.append((HEAD, functools.partial(tf.matmul, b=columns)))
             return in_sequence(rows, steps, nudge, FUSED_GROUPS)
 
     rows = {n: tf.constant(r) for n, r in rows.items()}

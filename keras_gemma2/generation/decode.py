@@ -106,7 +106,14 @@ def prefill_and_choose(
         token written at `prefill`'s `index` (a row's own prompt token where
         its prompt is longer); `matrices` a tuple of dicts of tensors.
     """
-    matrices = _loop_matrices(causal_lm, "copies")
+    # Copies made only to read kernels in a faster layout pay for themselves
+    # over a number of decode steps (`LAYOUT_COPY_MIN_STEPS`).
+    max_length = token_ids.shape[1]
+    relayout = (
+        max_length is None
+        or max_length - prefill_length >= loop_matrices.LAYOUT_COPY_MIN_STEPS
+    )
+    matrices = _loop_matrices(causal_lm, "copies", relayout)
     with _carrying(*_program_matrices(causal_lm, matrices)):
         state, hidden_states = _prefill_hidden(
             causal_lm, token_ids, padding_mask, prefill_length
@@ -324,7 +331,7 @@ def decode_segment(
     return prompt, _write_prefixes(caches, prefixes), index, done
 
 
-def _loop_candidates(causal_lm):
+def _loop_candidates(causal_lm, relayout=True):
     """`[(layer, build)]`: the layers generation may carry matrices for.
 
     See `layers.loop_matrices`: on XLA (jax, tensorflow) on one CPU device,
@@ -338,7 +345,7 @@ def _loop_candidates(causal_lm):
         return []
     backbone = causal_lm.backbone
     limit = loop_matrices.LAYOUT_COPY_LIMIT_BYTES
-    relayout = loop_matrices.layout_copy_bytes(backbone) <= limit
+    relayout = relayout and loop_matrices.layout_copy_bytes(backbone) <= limit
     feed_forward = functools.partial(
         loop_matrices.feed_forward_matrices, relayout=relayout
     )
@@ -351,12 +358,12 @@ def _loop_candidates(causal_lm):
     return candidates
 
 
-def _loop_matrices(causal_lm, part):
+def _loop_matrices(causal_lm, part, relayout=True):
     """One entry per `_loop_candidates` layer: its matrices, or `None` (it
     does not qualify: LoRA, quantized, ...). `part` as in
     `loop_matrices.matrices`."""
     dtype = _loop_dtype(causal_lm.backbone)
-    candidates = _loop_candidates(causal_lm)
+    candidates = _loop_candidates(causal_lm, relayout)
     return tuple(build(layer, dtype, part) for layer, build in candidates)
 
 

@@ -134,22 +134,28 @@ def test_kernels_cast_to_the_compute_dtype_are_not_carried():
     keras.config.backend() == "torch",
     reason="torch decodes with TorchDecoder, which carries nothing",
 )
-@pytest.mark.parametrize("fits", [True, False])
+@pytest.mark.parametrize(
+    "fits, min_steps", [(True, 1), (False, 1), (True, 8), (True, 9)]
+)
 def test_compiled_decode_loops_carry_every_attention_layer_and_the_head(
-    monkeypatch, fits
+    monkeypatch, fits, min_steps
 ):
     """Attention always; the tied head and the feed-forward layers (read
-    through transposed copies) while those copies fit the limit."""
+    through transposed copies) while those copies fit the limit and the
+    call has room for at least `LAYOUT_COPY_MIN_STEPS` decode steps past
+    its prefill (here 8: a 24-token `max_length` after the 16 positions of
+    the shortest prefill bucket)."""
     from tests.generation.test_generate import make_causal_lm
 
     causal_lm = make_causal_lm()
     backbone = causal_lm.backbone
     expected = {id(block.attention) for block in backbone.transformer_layers}
-    if fits:
+    if fits and min_steps <= 8:
         expected.add(id(backbone.token_embedding))
         expected |= {id(block.ffw) for block in backbone.transformer_layers}
     limit = loop_matrices.layout_copy_bytes(backbone) - (0 if fits else 1)
     monkeypatch.setattr(loop_matrices, "LAYOUT_COPY_LIMIT_BYTES", limit)
+    monkeypatch.setattr(loop_matrices, "LAYOUT_COPY_MIN_STEPS", min_steps)
     hits = set()
     lookup = loop_matrices.lookup
 
@@ -160,11 +166,10 @@ def test_compiled_decode_loops_carry_every_attention_layer_and_the_head(
         return found
 
     monkeypatch.setattr(loop_matrices, "lookup", spy)
+    token_ids = np.zeros((1, 24), "int32")
+    token_ids[0, :3] = [2, 7, 9]
     causal_lm.generate(
-        {
-            "token_ids": np.array([[2, 7, 9, 0, 0, 0]]),
-            "padding_mask": np.array([[1, 1, 1, 0, 0, 0]]),
-        },
+        {"token_ids": token_ids, "padding_mask": token_ids > 0},
         stop_token_ids=None,
     )
     assert hits == expected
@@ -413,7 +418,7 @@ def test_bfloat16_generation_carries_float32_copies(monkeypatch):
         causal_lm.generate(inputs, stop_token_ids=None)["token_ids"]
     )
     assert hits == expected_ids and dtypes == {"float32"}
-    monkeypatch.setattr(decode, "_loop_candidates", lambda causal_lm: [])
+    monkeypatch.setattr(decode, "_loop_candidates", lambda causal_lm, relayout=True: [])
     hits.clear()
     own = ops.convert_to_numpy(
         bfloat16_lm().generate(inputs, stop_token_ids=None)["token_ids"]
