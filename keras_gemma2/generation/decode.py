@@ -337,9 +337,12 @@ def _loop_candidates(causal_lm, relayout=True):
     See `layers.loop_matrices`: on XLA (jax, tensorflow) on one CPU device,
     where they were measured; elsewhere (other devices, a
     `keras.distribution`, torch) none, and the layers read their kernels.
-    Every attention layer and the tied head (its table as `[hidden,
-    vocabulary]` columns); with bfloat16 compute (`_loop_dtype`) also the
-    feed-forward layers, all converted to float32.
+    Every attention layer, every feed-forward layer (its down kernel as
+    `[hidden, intermediate]` rows) and the tied head (its table as
+    `[hidden, vocabulary]` columns). With bfloat16 compute (`_loop_dtype`)
+    all are converted to float32; kernels kept in their dtype get the
+    feed-forward's and the head's copies only with `relayout` and while
+    they fit `loop_matrices.LAYOUT_COPY_LIMIT_BYTES`.
     """
     if keras.distribution.distribution() is not None or not _xla_on_cpu():
         return []
