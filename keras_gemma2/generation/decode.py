@@ -109,17 +109,14 @@ def prefill_and_choose(
     # Copies made only to read kernels in a faster layout pay for themselves
     # over a number of decode steps (`LAYOUT_COPY_MIN_STEPS`).
     max_length = token_ids.shape[1]
-    relayout = (
-        max_length is None
-        or max_length - prefill_length >= loop_matrices.LAYOUT_COPY_MIN_STEPS
-    )
+    steps = max_length - prefill_length
+    relayout = steps >= loop_matrices.LAYOUT_COPY_MIN_STEPS
     matrices = _loop_matrices(causal_lm, "copies", relayout)
     with _carrying(*_program_matrices(causal_lm, matrices)):
         state, hidden_states = _prefill_hidden(
             causal_lm, token_ids, padding_mask, prefill_length
         )
         prompt, caches, index, done = state
-        max_length = prompt.shape[1]
         # A prompt that fills `max_length` leaves nothing to generate: the
         # write goes to the last position, where `choose_token` keeps the
         # prompt's own token, and the index stays at `max_length`.

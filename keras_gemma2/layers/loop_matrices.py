@@ -103,7 +103,14 @@ def _plain_kernel(layer):
 
 
 def _convert(kernel, dtype):
-    return kernel if dtype is None else ops.cast(kernel, dtype)
+    """`kernel` as a tensor, converted to `dtype` (`None`: kept)."""
+    return ops.convert_to_tensor(kernel) if dtype is None else ops.cast(kernel, dtype)
+
+
+def _in_part(name, copied, part):
+    """Whether the matrix `name` belongs to `part` (`"all"`, `"copies"`: the
+    names in `copied`, `"views"`: the others)."""
+    return part == "all" or (name in copied) == (part == "copies")
 
 
 def matrices(attention, dtype=None, part="all"):
@@ -153,8 +160,7 @@ def matrices(attention, dtype=None, part="all"):
     # Without a conversion, only the fused matrix is a copy; the rest are
     # reshapes of the kernels.
     copied = {name for name in names if dtype is not None or name == "qkv"}
-    if part != "all":
-        names = [name for name in names if (name in copied) == (part == "copies")]
+    names = [name for name in names if _in_part(name, copied, part)]
 
     def matrix(layer):
         kernel = _convert(layer.kernel, dtype)
@@ -203,26 +209,18 @@ def feed_forward_matrices(feed_forward, dtype, part="all", relayout=False):
     layers = (feed_forward.gate_dense, feed_forward.up_dense, feed_forward.down_dense)
     if not all(_plain_kernel(layer) for layer in layers):
         return None
-    stored = keras.backend.standardize_dtype(layers[0].kernel.dtype)
+    if dtype == keras.backend.standardize_dtype(layers[0].kernel.dtype):
+        dtype = None
+    if dtype is None and not relayout:
+        return None
     gate, up, down = layers
-    if dtype is None or dtype == stored:
-        if not relayout:
-            return None
-        views = {
-            "gate": ops.convert_to_tensor(gate.kernel),
-            "up": ops.convert_to_tensor(up.kernel),
-        }
-        if part == "views":
-            return views
-        copies = {"down_rows": ops.transpose(down.kernel)}
-        return copies if part == "copies" else {**views, **copies}
-    if part == "views":
-        return {}
-    return {
-        "gate": ops.cast(gate.kernel, dtype),
-        "up": ops.cast(up.kernel, dtype),
-        "down_rows": ops.transpose(ops.cast(down.kernel, dtype)),
+    build = {
+        "gate": lambda: _convert(gate.kernel, dtype),
+        "up": lambda: _convert(up.kernel, dtype),
+        "down_rows": lambda: ops.transpose(_convert(down.kernel, dtype)),
     }
+    copied = set(build) if dtype is not None else {"down_rows"}
+    return {n: b() for n, b in build.items() if _in_part(n, copied, part)}
 
 
 def head_matrices(embedding, dtype, part="all", relayout=False):

@@ -353,11 +353,9 @@ def test_quantized_head_is_not_carried():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_head_through_carried_columns(dtype):
-    causal_lm = _bfloat16_causal_lm() if dtype == "bfloat16" else None
-    if causal_lm is None:
-        from tests.generation.test_generate import make_causal_lm
+    from tests.generation.test_generate import make_causal_lm
 
-        causal_lm = make_causal_lm()
+    causal_lm = _bfloat16_causal_lm() if dtype == "bfloat16" else make_causal_lm()
     embedding = causal_lm.backbone.token_embedding
     table = ops.convert_to_numpy(ops.cast(embedding.embeddings, "float32"))
     hidden = ops.cast(inputs(batch=1, length=2, hidden=table.shape[1]), dtype)
@@ -382,15 +380,11 @@ def test_head_through_carried_columns(dtype):
 def test_bfloat16_generation_carries_float32_copies(monkeypatch):
     """Every attention, feed-forward and the head read float32 copies; the
     tokens are those of XLA's own bfloat16 products (nothing carried)."""
-    from keras_gemma2 import Gemma2Backbone, Gemma2CausalLM
     from keras_gemma2.generation import decode
-    from tests.generation.test_generate import make_causal_lm, ragged_prompts
+    from tests.generation.test_generate import ragged_prompts
 
     def bfloat16_lm():
-        float32_lm = make_causal_lm()
-        config = {**float32_lm.backbone.get_config(), "dtype": "bfloat16"}
-        causal_lm = Gemma2CausalLM(Gemma2Backbone.from_config(config))
-        causal_lm.set_weights(float32_lm.get_weights())
+        causal_lm = _bfloat16_causal_lm()
         causal_lm.compile(sampler="greedy")
         return causal_lm
 
