@@ -684,6 +684,21 @@ def print_case_b(rows, peers, repeats):
         )
 
 
+def child_rows(script, backend, arguments):
+    """The JSON rows `script --child backend *arguments` prints under `backend`.
+
+    The child runs in a process of its own with `KERAS_BACKEND=backend`; when
+    it fails, the end of its stderr is printed as a `#` line and its rows so
+    far are kept.
+    """
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, script, "--child", backend, *arguments]
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
+    if process.returncode != 0:
+        print(f"# {backend} failed: {process.stderr.strip()[-500:]}")
+    return [json.loads(x) for x in process.stdout.splitlines() if x[:1] == "{"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="jax,tensorflow,torch")
@@ -702,14 +717,8 @@ def main():
         return
     rows = []
     for backend in args.backends.split(","):
-        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, __file__, "--child", backend]
-        command += ["--dtypes", args.dtypes, "--repeats", str(args.repeats)]
-        command += ["--cases", args.cases]
-        process = subprocess.run(command, capture_output=True, text=True, env=env)
-        if process.returncode != 0:
-            print(f"# {backend} failed: {process.stderr.strip()[-500:]}")
-        rows += [json.loads(x) for x in process.stdout.splitlines() if x[:1] == "{"]
+        arguments = ["--dtypes", args.dtypes, "--repeats", str(args.repeats)]
+        rows += child_rows(__file__, backend, arguments + ["--cases", args.cases])
     peers = {}
     if not args.no_llamacpp:
         peers = llamacpp_times([PEER[d] for d in dtypes], args.repeats, cases)
