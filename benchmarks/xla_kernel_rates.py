@@ -17,7 +17,8 @@ the form our decoders use) in each of the forms XLA offers for the dtype:
   fusion, `sum(float32(w) * x[:, None], axis=0)`, which reads two bytes a
   weight and writes nothing;
 - `int8 x int8, two rows`: `int8 x int8 -> int32` on XLA's int8 kernels
-  (YNNPACK), the lone row as two rows, as `layers/int8_products.py` sends it;
+  (YNNPACK), the lone row as two rows, as `layers/int8_products.py` sends it
+  (`matmul_floor.xla_int8_rows`);
 - `int8 sum(w * x)`: int8 weights converted in one fusion, as above.
 
 Each form is timed in two compiled programs of 48 chained products (each
@@ -54,6 +55,7 @@ from matmul_floor import (
     llamacpp_times,
     median_seconds,
     weight_bytes,
+    xla_int8_rows,
 )
 
 IN, OUT = 512, 2048
@@ -108,7 +110,7 @@ def jax_run(form, count):
             return jnp.matmul(x[None].astype(jnp.bfloat16), w)[0].astype(jnp.float32)
         if form == "int8 x int8, two rows":
             codes = jnp.clip(jnp.round(x * 64.0), -127, 127).astype(jnp.int8)
-            rows = jnp.stack([codes, codes])
+            rows = xla_int8_rows(codes[None], 2, jnp.concatenate)
             dims = (((1,), (0,)), ((), ()))
             out = jax.lax.dot_general(rows, w, dims, preferred_element_type=jnp.int32)
             return out[0].astype(jnp.float32)
@@ -134,7 +136,7 @@ def tensorflow_run(form, count):
             return tf.cast(tf.matmul(tf.cast(x[None], tf.bfloat16), w)[0], tf.float32)
         if form == "int8 x int8, two rows":
             codes = tf.cast(tf.clip_by_value(tf.round(x * 64.0), -127, 127), tf.int8)
-            rows = tf.stack([codes, codes])
+            rows = xla_int8_rows(codes[None], 2, tf.concat)
             out = tf.matmul(rows, w, output_type=tf.int32)
             return tf.cast(out[0], tf.float32)
         return tf.reduce_sum(tf.cast(w, tf.float32) * x[:, None], axis=0)
