@@ -12,19 +12,19 @@ CI got one huge page of four for the decoder's head in one run, and
 for any cause that is neither a shortage (ENOMEM) nor transient (EAGAIN,
 EBUSY), including conditions of the memory outside this process's control.
 In a third, the head's collapse succeeded, yet by the time the test read
-`smaps` (after the decoder's prompt pass, beside another backend's test
-run) only 4 of its 6 MiB were still huge. In two more, `smaps` read right
-after the call showed 2 and then 4 of the 6 MiB huge, the second time with
-no huge-page split counted in `/proc/vmstat` in between. Inside the allocator's memory the kernel may give up a
-huge page again at any time, for reasons outside this process. So the tests
-hold what is ours: the advised range, read at the `madvise` call itself, is
-exactly the whole huge pages inside the tensor's storage, one call per
-storage; where the kernel took it on a mapping of the test's own (nothing
-else lives there), `smaps`, read right after the call, shows every one of
-them huge; where it refused, the values are untouched. Inside the decoder
-the kernel's account is printed (`MEASURED`), not asserted. Pages faulted in
-(`huge_pages.empty`) must be huge, or the kernel must count a fallback in
-`/proc/vmstat`.
+`smaps` (after the decoder's prompt pass, beside another backend's test run)
+only 4 of its 6 MiB were still huge. In two more, `smaps` read right after
+the call showed 2 and then 4 of the 6 MiB huge, the second time with no
+huge-page split counted in `/proc/vmstat` in between. Inside the allocator's
+memory the kernel may give up a huge page again at any time, for reasons
+outside this process. So the tests hold what is ours: the advised range,
+read at the `madvise` call itself, is exactly the whole huge pages inside
+the tensor's storage, one call per storage; where the kernel took it on a
+mapping of the test's own (nothing else lives there), `smaps`, read right
+after the call, shows every one of them huge; where it refused, the values
+are untouched. Inside the decoder the kernel's account is printed
+(`MEASURED`), not asserted. Pages faulted in (`huge_pages.empty`) must be
+huge, or the kernel must count a fallback in `/proc/vmstat`.
 """
 
 import ctypes
