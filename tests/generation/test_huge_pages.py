@@ -89,8 +89,7 @@ class Advice:
             code = ctypes.get_errno()
             # The kernel's account of the range right after it answered.
             huge = range_huge_bytes(address, address + length)
-            call = (address, length, advice, result == 0, code, huge)
-            self.calls.append(call)
+            self.calls.append((address, length, advice, result == 0, code, huge))
             return result
 
         monkeypatch.setattr(huge_pages, "_madvise", lambda: record)
@@ -116,23 +115,23 @@ class Advice:
         return length, took, code, huge
 
 
-def assert_collapsed(length, took, code, huge):
-    """On a mapping of the test's own: where the kernel took the collapse,
-    its whole huge pages were huge right after it (`smaps`, read at the
-    call: `huge`); where it refused (`errno` `code`), nothing to check
-    beyond the request (`Advice.collapse_of`)."""
-    if took:
-        assert huge >= length, f"{huge} bytes huge after collapsing {length}"
-    else:
-        print(f"MEASURED MADV_COLLAPSE refused: {errno.errorcode.get(code, code)}")
-
-
 def report_collapse(length, took, code, huge):
-    """Inside the allocator's memory: the kernel's account, printed."""
+    """The kernel's answer to a collapse (`errno` `code` where it refused)
+    and its account right after (`huge`), printed where short."""
     if not took:
         print(f"MEASURED MADV_COLLAPSE refused: {errno.errorcode.get(code, code)}")
     elif huge < length:
         print(f"MEASURED {huge} of {length} bytes huge right after collapsing")
+
+
+def assert_collapsed(length, took, code, huge):
+    """On a mapping of the test's own: where the kernel took the collapse,
+    its whole huge pages were huge right after it (`smaps`, read at the
+    call: `huge`); where it refused, nothing to check beyond the request
+    (`Advice.collapse_of`)."""
+    report_collapse(length, took, code, huge)
+    if took:
+        assert huge >= length, f"{huge} bytes huge after collapsing {length}"
 
 
 @pytest.fixture
